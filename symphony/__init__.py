@@ -1,0 +1,20 @@
+"""Symphony-MoE: build one MoE model from several dense checkpoints, and run MoE layers fast."""
+import importlib
+
+_EXPORTS = {
+    "SymphonyMoE": "moe",
+    "patch": "hf",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,26 @@
+"""Symphony-MoE kernels: fused top-k routing, grouped-GEMM experts, activation correlation, matching.
+
+Names are imported lazily so that importing the package stays cheap and never compiles anything.
+"""
+import importlib
+
+_EXPORTS = {
+    "route": "routing",
+    "RoutingPlan": "routing",
+    "moe_experts": "experts",
+    "CorrelationAccumulator": "correlation",
+    "linear_assignment": "matching",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
