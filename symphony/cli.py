@@ -16,7 +16,8 @@ COMMANDS = {
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="symphony", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="symphony", description="Symphony-MoE: build one MoE model from several dense checkpoints, and run it fast.")
     parser.add_argument("--version", action="version", version="symphony-moe 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
