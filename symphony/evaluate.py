@@ -1,0 +1,84 @@
+"""`symphony eval`: perplexity of a causal LM on text files.
+
+The text is cut into non-overlapping windows of `seq_len` tokens (symphony.data); inside each window every
+token after the first is predicted from the ones before it, so the NLL is the token-weighted mean over all
+predicted tokens and the perplexity is exp(NLL). Window starts get no context from the previous window:
+a shorter `seq_len` gives a higher perplexity.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from symphony.data import (batches, check_output_file, load_model, load_tokenizer, read_texts, token_stream,
+                          write_json)
+from symphony.errors import SymphonyError
+
+HELP = "perplexity of a model on text files"
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (fp32) of windows `ids` [b, s] under `logits` [b, s, V]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts, *, seq_len: int = 512, batch_size: int = 8, progress: bool = True) -> dict:
+    """{"nll": mean NLL per predicted token, "ppl": exp(nll), "tokens": predicted tokens} of `model` on `texts`."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in tqdm(batches(token_stream(tokenizer, texts), seq_len, batch_size), desc="eval", unit="batch",
+                        disable=not progress, leave=False):
+            if ids.shape[1] < 2:
+                continue
+            ids = ids.to(device)
+            total += nll_sum(model(input_ids=ids, use_cache=False).logits, ids).item()
+            count += ids.numel() - ids.shape[0]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise SymphonyError("the text is a single token: nothing to predict")
+    return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count}
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("model", help="model folder (a transformers causal LM with its tokenizer)")
+    parser.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files, one result each")
+    parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                                                        "bfloat16, float16")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+
+
+def run(args) -> int:
+    if args.seq_len < 2 or args.batch_size < 1:
+        raise SymphonyError("--seq-len must be at least 2 and --batch-size at least 1")
+    if args.json:
+        check_output_file(args.json)
+    texts = read_texts(args.text)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    results = {path: perplexity(model, tokenizer, [text], seq_len=args.seq_len, batch_size=args.batch_size)
+               for path, text in zip(args.text, texts)}
+    tokens = sum(r["tokens"] for r in results.values())
+    nll = sum(r["nll"] * r["tokens"] for r in results.values()) / tokens
+    overall = {"nll": nll, "ppl": math.exp(nll), "tokens": tokens}
+
+    width = max(len("all files"), *map(len, results))
+    print(f"{'file':<{width}}  {'tokens':>9}  {'NLL':>7}  {'PPL':>9}")
+    for name, r in [*results.items(), *([("all files", overall)] if len(results) > 1 else [])]:
+        print(f"{name:<{width}}  {r['tokens']:>9}  {r['nll']:>7.4f}  {r['ppl']:>9.3f}")
+    if args.json:
+        write_json(args.json, {"model": str(args.model), "seq_len": args.seq_len, "batch_size": args.batch_size,
+                               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                               "files": results, "all": overall})
+    return 0
