@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from symphony.data import (batches, check_output_file, load_model, load_tokenizer, read_texts, token_stream,
-                          write_json)
+from symphony.data import (batches, check_model_dir, check_output_file, load_model, load_tokenizer, read_texts,
+                          resolve_device, resolve_dtype, token_stream, write_json)
 from symphony.errors import SymphonyError
 
 HELP = "perplexity of a model on text files"
@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args) -> int:
     if args.seq_len < 2 or args.batch_size < 1:
         raise SymphonyError("--seq-len must be at least 2 and --batch-size at least 1")
+    check_model_dir(args.model)
+    resolve_dtype(args.dtype, resolve_device(args.device))
     if args.json:
         check_output_file(args.json)
     texts = read_texts(args.text)

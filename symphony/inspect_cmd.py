@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from symphony.data import (batches, check_model_dir, check_output_file, load_config, load_model, load_tokenizer,
-                           read_texts, token_stream, write_json)
+                           read_texts, resolve_device, resolve_dtype, token_stream, write_json)
 from symphony.errors import SymphonyError
 
 HELP = "summarise a built model: config, expert load, alignment report"
@@ -117,8 +117,15 @@ def _print_report(obj, indent: str = ""):
             print(f"{indent}{key}:")
             _print_report(value, indent + "  ")
         else:
-            shown = [f"{x:.4g}" if isinstance(x, float) else x for x in value] if isinstance(value, list) else value
-            print(f"{indent}{key}: {f'{shown:.4g}' if isinstance(shown, float) else shown}")
+            print(f"{indent}{key}: {_scalar(value)}")
+
+
+def _scalar(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(_scalar, value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -135,9 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args) -> int:
     if args.seq_len < 2 or args.batch_size < 1:
         raise SymphonyError("--seq-len must be at least 2 and --batch-size at least 1")
+    model_dir = check_model_dir(args.model)
+    resolve_dtype(args.dtype, resolve_device(args.device))
     if args.json:
         check_output_file(args.json)
-    model_dir = check_model_dir(args.model)
     summary = config_summary(model_dir)
     report = read_report(model_dir)
     texts = read_texts(args.text) if args.text else None

@@ -22,7 +22,6 @@ final model is saved.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -37,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from symphony.data import (DTYPES, check_model_dir, load_model, load_tokenizer, resolve_device, resolve_dtype,
-                           token_stream, windows)
+from symphony.data import (DTYPES, check_model_dir, load_config, load_model, load_tokenizer, resolve_device,
+                           resolve_dtype, token_stream, windows)
 from symphony.errors import SymphonyError
 from symphony.evaluate import nll_sum
 from symphony.inspect_cmd import moe_shape, route_counts
@@ -243,6 +242,7 @@ def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir
         return {"steps": 0, "first_loss": None, "last_loss": None, "losses": [], "expert_load": None, "tokens": 0,
                 "trainable_params": 0}
 
+    moe_shape(load_config(model_dir))
     stream = token_stream(load_tokenizer(model_dir), texts)
     data, _ = windows(stream, cfg.seq_len)
     if len(data) == 0:
@@ -269,6 +269,8 @@ def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir
         print(f"no checkpoint in {folder}: starting from step 0", file=sys.stderr)
     if latest:
         state = torch.load(latest[0], map_location="cpu", weights_only=True)
+        if state["trainable"].keys() != trainable.keys():
+            raise SymphonyError(f"checkpoint {latest[0]} was made for another model: delete {folder} to start over")
         for key, value in settings.items():
             if state["settings"].get(key) != value:
                 raise SymphonyError(f"checkpoint {latest[0]} was made with {key}={state['settings'].get(key)!r}, "
