@@ -207,3 +207,22 @@ def test_bad_input(moe_dir, tmp_path, text):
         with pytest.raises(SymphonyError, match="no usable CUDA device"):
             train_router(moe_dir, [text], cfg(device="cuda"), tmp_path / "out")
     assert not any(tmp_path.iterdir())
+
+
+def test_bfloat16_trains_float32_routers_and_keeps_the_rest_exact(moe_dir, tmp_path, text):
+    """The mixed-precision path used on GPUs (frozen weights in bf16, fp32 router masters, autocast), on the CPU."""
+    summary = train_router(moe_dir, [text], cfg(steps=10, dtype="bfloat16"), tmp_path / "out")
+    before, after = weights(moe_dir), weights(tmp_path / "out")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("gate.weight") for k in changed)
+    assert all(v.dtype == torch.float32 for v in after.values())  # saved in the checkpoint's own dtype
+    assert summary["last_loss"] < summary["first_loss"]
+
+
+@pytest.mark.gpu
+def test_router_training_on_gpu(moe_dir, tmp_path, text):
+    summary = train_router(moe_dir, [text], cfg(device="cuda"), tmp_path / "out")
+    before, after = weights(moe_dir), weights(tmp_path / "out")
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {
+        k for k in before if k.endswith(("mlp.gate.weight", "mlp.shared_expert_gate.weight"))}
+    assert summary["last_loss"] < summary["first_loss"] - 0.3
