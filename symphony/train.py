@@ -201,6 +201,7 @@ def _write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
         if trained is None:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         else:
