@@ -7,6 +7,7 @@ import importlib
 _EXPORTS = {
     "route": "routing",
     "RoutingPlan": "routing",
+    "dispatch": "routing",
     "moe_experts": "experts",
     "CorrelationAccumulator": "correlation",
     "linear_assignment": "matching",
