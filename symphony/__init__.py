@@ -4,6 +4,7 @@ import importlib
 _EXPORTS = {
     "SymphonyMoE": "moe",
     "patch": "hf",
+    "unpatch": "hf",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -18,3 +19,10 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+# `experts_implementation="symphony"` for transformers: registered now if transformers' experts interface is
+# already imported, else by a one-shot import hook when it is (symphony.hf imports neither transformers nor torch).
+from symphony import hf as _hf  # noqa: E402
+
+_hf.install_import_hook()
