@@ -441,7 +441,7 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dic
             t = time.perf_counter()
             memory.stage("stage2")
             summary = train_router(stage1, c.train_texts, cfg.router_training, tmp / "model",
-                                   checkpoint_dir=tmp / "stage2-checkpoints")
+                                   checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
             shutil.rmtree(stage1)
             timings["stage2"] = time.perf_counter() - t
             stage2 = {k: v for k, v in summary.items() if k != "losses"}

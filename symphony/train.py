@@ -193,9 +193,13 @@ def _publish(tmp: Path, out_dir: Path):
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
-def _write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor] | None):
+def _write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor] | None, mode: str = "full"):
     """Write model_dir's checkpoint with the `trained` parameters replaced (in the checkpoint's own dtype), its
-    tokenizer and its other files (alignment report, build config...) to out_dir, atomically."""
+    tokenizer and its other files (alignment report, build config...) to out_dir, atomically.
+
+    Router mode copies the checkpoint tensor by tensor with the routers replaced (symphony.assemble.replace_tensors:
+    one tensor in memory at a time, the layout kept as it was); full mode loads the model and saves it with
+    transformers."""
     from transformers import AutoModelForCausalLM
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +208,13 @@ def _write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor
         tmp.chmod(0o755)  # mkdtemp makes it private
         if trained is None:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        elif mode == "router" and any(model_dir.glob("*.safetensors")):
+            from symphony.assemble import replace_tensors
+
+            for p in model_dir.iterdir():
+                if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES):
+                    shutil.copy2(p, tmp / p.name)
+            replace_tensors(model_dir, tmp, trained)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
             with torch.no_grad():
@@ -216,6 +227,9 @@ def _write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor
             for p in model_dir.iterdir():
                 if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and not (tmp / p.name).exists():
                     shutil.copy2(p, tmp / p.name)
+        for p in tmp.iterdir():
+            if p.is_file():
+                p.chmod(0o644)  # save_pretrained and mkstemp make files private
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,7 +237,7 @@ def _write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor
 
 
 def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir, *, resume: bool = False,
-                 checkpoint_dir=None) -> dict:
+                 checkpoint_dir=None, progress: bool = True) -> dict:
     """Train the MoE checkpoint in `model_dir` on `texts` as `cfg` says and save it, with its tokenizer, to
     `out_dir` (atomically; `out_dir` may be `model_dir`).
 
@@ -288,7 +302,8 @@ def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     model.train()
     counts = torch.zeros(())
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"stage 2 ({cfg.train})", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"stage 2 ({cfg.train})", unit="step", dynamic_ncols=True,
+               disable=not progress)
     try:
         for step in range(start, cfg.steps):
             batch = data[batch_indices(step, cfg.batch_size, len(data), cfg.seed)].to(device)
@@ -300,7 +315,8 @@ def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir
             bar.set_postfix_str(text, refresh=False)
             bar.update()
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                bar.write(f"step {step + 1}/{cfg.steps}  {text}  lr {cfg.lr_at(step):.2e}")
+                if progress:
+                    bar.write(f"step {step + 1}/{cfg.steps}  {text}  lr {cfg.lr_at(step):.2e}")
                 counts = torch.zeros(())
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 state = {"step": step + 1, "settings": settings, "losses": losses, "optimizer": optimizer.state_dict(),
@@ -321,7 +337,7 @@ def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir
     del model, optimizer, params, trainable
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    _write_model(model_dir, out_dir, trained)
+    _write_model(model_dir, out_dir, trained, cfg.train)
     for p in _checkpoints(folder):
         p.unlink()
     if folder.is_dir() and not any(folder.iterdir()):
