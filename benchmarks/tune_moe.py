@@ -21,14 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_moe import SHAPES  # noqa: E402  (this folder is on sys.path when the script runs)
 from symphony_kernels._configs import Config, shape_class  # noqa: E402
-
-SHAPES = {
-    "qwen2-0.5b-x4": (896, 4864, 4, 2),
-    "qwen2-1.5b-x4": (1536, 8960, 4, 2),
-    "mixtral-8x7b": (4096, 14336, 8, 2),
-    "qwen3-30b-a3b": (2048, 768, 128, 8),
-}
 FWD_CASES = [("mixtral-8x7b", 1), ("mixtral-8x7b", 64), ("mixtral-8x7b", 512), ("mixtral-8x7b", 4096),
              ("mixtral-8x7b", 16384), ("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 512),
              ("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 16384), ("qwen2-0.5b-x4", 1), ("qwen2-0.5b-x4", 64),
