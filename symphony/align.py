@@ -27,6 +27,20 @@ than the stream, whole windows evenly spaced over the stream are kept (so a mix 
 Sources whose vocabularies differ get an id map (`id_maps[i]`: calibration id -> that source's id, -1 where the
 source lacks the token): for each anchor/source pair, the positions that either of the two lacks are dropped
 from the stream before windowing, and both models see the same filtered text.
+
+Memory and speed of the correlation pass (`align_models`). Layers are handled `layers_per_pass` at a time: each
+pass runs both models' forwards over the whole calibration text (cut short after the pass's last layer) and
+holds, per layer of the pass, 8 * f_a * f_b bytes of float64 correlation state, then 4 * f_a * f_b of float32
+correlation matrix beside it while it is finalised, plus the activations of one update: `pass_memory` says how
+much in all, `auto_layers_per_pass` picks the most layers per pass that fit a memory budget (`memory_budget`:
+a quarter of the free GPU memory on CUDA). Updates of the accumulator make one pass over its float64 state
+whatever their size, which dominates on the GPU below ~16K tokens per update (benchmarks/RESULTS.md,
+correlation section), so on CUDA consecutive calibration batches are concatenated into chunks of at least
+`update_tokens` = 16384 tokens (the last chunk may be shorter) before each update. On the CPU the float64
+product dominates at any size (16384 random float32 tokens of 2 layers x 2048 neurons fed to
+`CorrelationAccumulator(2, 2048, 2048)`, C++ backend, OMP_NUM_THREADS=2, as updates of 512 / 2048 / 16384
+tokens: 10.9 / 8.8 / 9.7 s), so each batch is its own update there and no chunk buffer is held. Chunking
+changes the result only by rounding (Chan's merges of other partial sums).
 """
 from __future__ import annotations
 
@@ -42,8 +56,17 @@ from tqdm.auto import tqdm
 from symphony.errors import SymphonyError
 
 __all__ = ["AlignmentResult", "FFNCapture", "align_models", "align_sources", "apply_ffn_permutation",
-           "calibration_windows", "capture_ffn_activations", "decoder_layers", "hidden_centroids",
-           "permute_ffn", "permute_ffn_biases", "router_from_centroids"]
+           "auto_layers_per_pass", "calibration_windows", "capture_ffn_activations", "chunk_plan", "decoder_layers",
+           "default_update_tokens", "hidden_centroids", "memory_budget", "pass_memory", "permute_ffn",
+           "permute_ffn_biases", "router_from_centroids"]
+
+# Tokens per accumulator update on CUDA (see the module docstring); 1 (each batch on its own) elsewhere.
+CUDA_UPDATE_TOKENS = 16384
+# The accumulator's scratch bound (CorrelationAccumulator's scratch_bytes), passed to it explicitly so that
+# `pass_memory` counts what it really uses.
+_SCRATCH_BYTES = {"cuda": 2 << 30, "cpu": 512 << 20}
+# The memory budget of the correlation pass on the CPU: at most this much (and at most a quarter of what is free).
+CPU_BUDGET_BYTES = 4 << 30
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,6 +346,107 @@ def _check_id_map(m, n_calib_vocab: int, i: int):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Memory of the correlation pass: chunked updates, bytes per pass, layers per pass
+# ---------------------------------------------------------------------------------------------------------
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+def default_update_tokens(device) -> int:
+    """Tokens per accumulator update: CUDA_UPDATE_TOKENS on CUDA, 1 (each batch its own update) elsewhere."""
+    return CUDA_UPDATE_TOKENS if torch.device(device).type == "cuda" else 1
+
+
+def chunk_plan(batch_tokens, update_tokens: int) -> list[list[int]]:
+    """Batch indices grouped into accumulator updates, in order: each group takes consecutive batches until it
+    holds at least `update_tokens` tokens; the last group takes what is left. update_tokens=1: one batch each."""
+    _positive_int(update_tokens, "update_tokens")
+    plan, group, tokens = [], [], 0
+    for i, n in enumerate(batch_tokens):
+        group.append(i)
+        tokens += int(n)
+        if tokens >= update_tokens:
+            plan.append(group)
+            group, tokens = [], 0
+    if group:
+        plan.append(group)
+    return plan
+
+
+def _scratch_bytes(device: torch.device) -> int:
+    return _SCRATCH_BYTES["cuda" if device.type == "cuda" else "cpu"]
+
+
+def pass_memory(layers: int, f_a: int, f_b: int | None = None, *, batch_tokens: int, update_tokens: int = 1,
+                itemsize: int = 4, device="cpu") -> int:
+    """Bytes that one pass of `align_models` over `layers` layers holds at once on the accumulator's device,
+    besides the two models and their forwards (activations of width f_a and f_b, `itemsize` bytes each).
+
+    Per layer: 12 * f_a * f_b (the float64 state, and the float32 correlation matrix finalised beside it), and
+    the activations of one update at (f_a + f_b) * itemsize bytes per token: one batch (`batch_tokens`, what
+    a forward captures) and, when batches are concatenated (update_tokens > batch_tokens), the chunk they are
+    copied into (ceil(update_tokens / batch_tokens) batches). Once: the accumulator's scratch, its scratch
+    bound (2 GiB on CUDA, 512 MiB elsewhere) or what one layer needs when that is more (the block
+    accumulators, 2 * f_a * f_b * 8 bytes on the CPU and 4 on CUDA, and copies of a block of up to 16384
+    tokens widened to the product's dtype)."""
+    f_b = f_a if f_b is None else f_b
+    for name, v in (("layers", layers), ("f_a", f_a), ("f_b", f_b), ("batch_tokens", batch_tokens),
+                    ("update_tokens", update_tokens), ("itemsize", itemsize)):
+        _positive_int(v, name)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    chunk = 0 if update_tokens <= batch_tokens else math.ceil(update_tokens / batch_tokens) * batch_tokens
+    per_layer = 12 * f_a * f_b + (batch_tokens + chunk) * (f_a + f_b) * itemsize
+    product = 8 if not cuda or itemsize == 4 else itemsize  # float64 products on the CPU and for fp32 inputs
+    block = min(max(batch_tokens, chunk), 16384)
+    one_layer = 2 * (4 if cuda and product != 8 else 8) * f_a * f_b + block * (f_a + f_b) * product
+    return layers * per_layer + max(_scratch_bytes(device), one_layer)
+
+
+def memory_budget(device) -> int:
+    """The bytes a correlation pass may hold (what `auto_layers_per_pass` fits into).
+
+    CUDA: a quarter of the device's free memory (torch.cuda.mem_get_info), taken before the models are loaded,
+    so that the anchor and one source (two 7B models in bf16: 27 GB), their forwards and the matching keep
+    the other three quarters. Elsewhere: min(CPU_BUDGET_BYTES = 4 GiB, a quarter of MemAvailable in
+    /proc/meminfo), 4 GiB where that cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) // 4
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return CPU_BUDGET_BYTES if available is None else min(CPU_BUDGET_BYTES, available // 4)
+
+
+def auto_layers_per_pass(layers: int, f_a: int, f_b: int | None = None, *, budget_bytes: int, batch_tokens: int,
+                         update_tokens: int = 1, itemsize: int = 4, device="cpu") -> int:
+    """Layers per pass of `align_models` for a memory budget: the most layers k whose `pass_memory` fits
+    `budget_bytes` (at least 1 even when one layer does not fit, at most `layers`), then spread evenly over the
+    ceil(layers / k) passes this takes (as many passes, less memory: 32 layers with k = 12 give 3 passes of
+    11 layers, not 12 + 12 + 8)."""
+    _positive_int(layers, "layers")
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be a non-negative integer, not {budget_bytes!r}")
+    kw = dict(batch_tokens=batch_tokens, update_tokens=update_tokens, itemsize=itemsize, device=device)
+    k = 1
+    while k < layers and pass_memory(k + 1, f_a, f_b, **kw) <= budget_bytes:
+        k += 1
+    passes = math.ceil(layers / k)
+    return math.ceil(layers / passes)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Alignment
 # ---------------------------------------------------------------------------------------------------------
 
@@ -340,7 +464,7 @@ class PairAlignment:
 @torch.inference_mode()
 def align_models(anchor_model, source_model, batches, *, solver: str = "auto", progress: bool = False,
                  source_batches=None, anchor_name: str = "anchor", source_name: str = "source",
-                 layers_per_pass: int | None = None) -> PairAlignment:
+                 layers_per_pass: int | None = None, update_tokens: int | None = None) -> PairAlignment:
     """Align one loaded dense model's FFN neurons to an anchor's over calibration `batches` ([b, s] ids).
 
     `source_batches` (same shapes) are the same windows in the source's vocabulary when it differs.
@@ -348,7 +472,11 @@ def align_models(anchor_model, source_model, batches, *, solver: str = "auto", p
     linear assignment maximises the summed correlation. `layers_per_pass` (default: all layers in one pass)
     bounds memory: each pass over the calibration text handles that many layers (forwards stop after the
     last of them), holding 12 * layers_per_pass * f^2 bytes of correlation state and result at once,
-    against 12 * layers * f^2 in one pass (31 GB of float64 state for 32 layers at f = 11008).
+    against 12 * layers * f^2 in one pass (31 GB of float64 state for 32 layers at f = 11008); see
+    `pass_memory` and `auto_layers_per_pass`. `update_tokens` (default: `default_update_tokens(device)`,
+    16384 on CUDA, 1 elsewhere): consecutive batches' activations are concatenated until a chunk holds at
+    least that many tokens (the last chunk: what is left) before each accumulator update (`chunk_plan`); the
+    result is the same up to rounding.
     Raises SymphonyError for no calibration tokens or non-finite activations, ValueError for models of
     different shapes."""
     from symphony_kernels.correlation import CorrelationAccumulator
@@ -361,10 +489,7 @@ def align_models(anchor_model, source_model, batches, *, solver: str = "auto", p
         raise ValueError(f"the models differ: {len(layers_a)} layers x {f_a} neurons against "
                          f"{len(layers_b)} layers x {f_b}")
     n_layers = len(layers_a)
-    if layers_per_pass is None:
-        layers_per_pass = n_layers
-    if isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int) or layers_per_pass < 1:
-        raise ValueError(f"layers_per_pass must be a positive integer or None, not {layers_per_pass!r}")
+    layers_per_pass = _positive_int(n_layers if layers_per_pass is None else layers_per_pass, "layers_per_pass")
     batches = list(batches)
     source_batches = batches if source_batches is None else list(source_batches)
     if len(source_batches) != len(batches) or any(x.shape != y.shape for x, y in zip(batches, source_batches)):
@@ -372,22 +497,25 @@ def align_models(anchor_model, source_model, batches, *, solver: str = "auto", p
     if sum(x.numel() for x in batches) == 0:
         raise SymphonyError("no calibration tokens")
     device = _model_device(anchor_model)
+    if update_tokens is None:
+        update_tokens = default_update_tokens(device)
+    plan = chunk_plan([x.numel() for x in batches], update_tokens)
+    names = (anchor_name, source_name)
     perms, before, after, tokens = [], [], [], 0
     groups = [list(range(a, min(a + layers_per_pass, n_layers))) for a in range(0, n_layers, layers_per_pass)]
-    for g, group in enumerate(groups):
-        acc = CorrelationAccumulator(len(group), f_a, f_b, device=device)
+    for group in groups:
+        acc = CorrelationAccumulator(len(group), f_a, f_b, device=device, scratch_bytes=_scratch_bytes(device))
         desc = f"align {source_name}" + (f" (layers {group[0]}-{group[-1]})" if len(groups) > 1 else "")
         stop = group[-1] < n_layers - 1
         with capture_ffn_activations(anchor_model, group, stop_early=stop) as cap_a, \
-                capture_ffn_activations(source_model, group, stop_early=stop) as cap_b:
-            for ids_a, ids_b in tqdm(list(zip(batches, source_batches)), desc=desc, unit="batch",
-                                     disable=not progress, leave=False):
-                xa = cap_a.run(ids_a)
-                _check_finite(xa, anchor_name, group)
-                xb = cap_b.run(ids_b).to(device)
-                _check_finite(xb, source_name, group)
+                capture_ffn_activations(source_model, group, stop_early=stop) as cap_b, \
+                tqdm(total=len(batches), desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+            for chunk in plan:
+                xa, xb = _chunk_activations((cap_a, cap_b), [batches[j] for j in chunk],
+                                            [source_batches[j] for j in chunk], device, names, group)
                 acc.update(xa, xb)
                 del xa, xb
+                bar.update(len(chunk))
         corr = acc.correlation()  # [group, f_a, f_b] fp32
         tokens = int(acc.count)
         del acc  # its float64 state is not needed during matching
@@ -402,6 +530,31 @@ def align_models(anchor_model, source_model, batches, *, solver: str = "auto", p
     moved = (perm != torch.arange(f_a)).double().mean(dim=1)
     return PairAlignment(perm=perm, before=torch.cat(before).tolist(), after=torch.cat(after).tolist(),
                          tokens=tokens, moved=moved.tolist())
+
+
+def _chunk_activations(caps, ids_a: list, ids_b: list, device, names, group):
+    """The FFN activations ([layers, tokens, f] of the anchor, then of the source) of the forwards over the
+    batches of one update, concatenated along tokens in batch order; each batch is checked finite first.
+    One batch: the captures' own tensors. Several: a chunk buffer per model, filled batch by batch, so at
+    most the two chunks and one batch's capture are held."""
+    out = []
+    for cap, ids, name in zip(caps, (ids_a, ids_b), names):
+        if len(ids) == 1:
+            x = cap.run(ids[0]).to(device)
+            _check_finite(x, name, group)
+            out.append(x)
+            continue
+        total, at, buf = sum(b.numel() for b in ids), 0, None
+        for batch in ids:
+            x = cap.run(batch).to(device)
+            _check_finite(x, name, group)
+            if buf is None:
+                buf = x.new_empty((x.shape[0], total, x.shape[2]))
+            buf[:, at:at + x.shape[1]].copy_(x)
+            at += x.shape[1]
+            del x
+        out.append(buf)
+    return out[0], out[1]
 
 
 def _check_finite(x: torch.Tensor, name: str, layers: list[int]):
@@ -456,14 +609,18 @@ def _load_source(source, device, dtype):
     """A dense model in eval mode on `device` in `dtype`: `source.load_model(device=, dtype=)` when the
     source offers it (symphony.sources.Source), else transformers' from_pretrained on `source.path` (or on
     `source` itself, a folder)."""
+    from symphony.data import quiet_zero_size_init
+
     if hasattr(source, "load_model"):
-        model = source.load_model(device=device, dtype=dtype)
+        with quiet_zero_size_init():
+            model = source.load_model(device=device, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM
 
         path = getattr(source, "path", source)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            with quiet_zero_size_init():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except Exception as e:  # noqa: BLE001 - a bad checkpoint, said in one line
             raise SymphonyError(f"cannot load the model in {path}: {e}") from e
         model = model.to(device)
@@ -472,7 +629,8 @@ def _load_source(source, device, dtype):
 
 def align_sources(sources, anchor_index: int, calib_ids: torch.Tensor, *, device="cpu", dtype=torch.float32,
                   batch_size: int = 8, seq_len: int = 512, max_tokens: int | None = None, solver: str = "auto",
-                  id_maps=None, layers_per_pass: int | None = None, progress: bool = True) -> AlignmentResult:
+                  id_maps=None, layers_per_pass: int | None = None, update_tokens: int | None = None,
+                  progress: bool = True) -> AlignmentResult:
     """Align every non-anchor source's FFN neurons to the anchor's (see the module docstring).
 
     sources: objects with `.name` and `.path` (symphony.sources.Source, which may also offer
@@ -480,11 +638,13 @@ def align_sources(sources, anchor_index: int, calib_ids: torch.Tensor, *, device
     vocabulary (the anchor's unless `id_maps` says otherwise). id_maps: None, or one entry per source (None =
     the calibration ids are that source's ids; else a 1-D tensor calibration id -> source id, -1 if missing).
     At most two models are in memory at once: the anchor, loaded once, and one source at a time (the
-    anchor's forwards are repeated for every source). `layers_per_pass` bounds the correlation memory (see
-    `align_models`); solver: symphony_kernels.matching's ("auto", "scipy", "auction").
+    anchor's forwards are repeated for every source). `layers_per_pass` bounds the correlation memory and
+    `update_tokens` sets the tokens per accumulator update (see `align_models`; `auto_layers_per_pass` picks
+    layers_per_pass for a memory budget); solver: symphony_kernels.matching's ("auto", "scipy", "auction").
 
     Returns an AlignmentResult: perms[i] [layers, f] int64 on the CPU (identity for the anchor); report =
-    {"anchor", "solver", "seq_len", "batch_size", "max_tokens", "layers_per_pass", "dtype", "device",
+    {"anchor", "solver", "seq_len", "batch_size", "max_tokens", "layers_per_pass", "update_tokens", "dtype",
+    "device",
     "sources": [{"name", "anchor", "tokens",
     "dropped_tokens", "seconds", "mean_before", "mean_after", "layers": [{"layer", "before", "after",
     "moved"}]}]} where "moved" is the fraction of the layer's neurons that the permutation moves.
@@ -499,9 +659,11 @@ def align_sources(sources, anchor_index: int, calib_ids: torch.Tensor, *, device
         raise ValueError("calibration token ids must be non-negative")
     calib_windows_kw = dict(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)
     calibration_windows(calib_ids[:1], **calib_windows_kw)  # checks the numbers before any heavy work
-    if layers_per_pass is not None and (isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int)
-                                        or layers_per_pass < 1):
-        raise ValueError(f"layers_per_pass must be a positive integer or None, not {layers_per_pass!r}")
+    if layers_per_pass is not None:
+        _positive_int(layers_per_pass, "layers_per_pass")
+    device = torch.device(device)
+    update_tokens = _positive_int(default_update_tokens(device) if update_tokens is None else update_tokens,
+                                  "update_tokens")
     from symphony_kernels.matching import SOLVERS
 
     if solver not in SOLVERS:
@@ -512,7 +674,6 @@ def align_sources(sources, anchor_index: int, calib_ids: torch.Tensor, *, device
         raise ValueError(f"id_maps has {len(id_maps)} entries for {len(sources)} sources")
     n_calib_vocab = int(calib_ids.max()) + 1
     id_maps = [_check_id_map(m, n_calib_vocab, i) for i, m in enumerate(id_maps)]
-    device = torch.device(device)
     names = [_source_name(s, i) for i, s in enumerate(sources)]
     for i, source in enumerate(sources):  # cheap vocabulary check from the configs, before loading any model
         vocab = getattr(getattr(source, "config", None), "vocab_size", None)
@@ -548,7 +709,7 @@ def align_sources(sources, anchor_index: int, calib_ids: torch.Tensor, *, device
                 try:
                     pair = align_models(anchor, model, batches_a, source_batches=batches_b, solver=solver,
                                         progress=progress, anchor_name=names[anchor_index], source_name=names[i],
-                                        layers_per_pass=layers_per_pass)
+                                        layers_per_pass=layers_per_pass, update_tokens=update_tokens)
                 except ValueError as e:
                     raise SymphonyError(f"cannot align {names[i]!r} to {names[anchor_index]!r}: {e}") from e
             finally:
@@ -562,7 +723,7 @@ def align_sources(sources, anchor_index: int, calib_ids: torch.Tensor, *, device
     finally:
         del anchor
     report = {"anchor": names[anchor_index], "solver": solver, "seq_len": seq_len, "batch_size": batch_size,
-              "max_tokens": max_tokens, "layers_per_pass": layers_per_pass,
+              "max_tokens": max_tokens, "layers_per_pass": layers_per_pass, "update_tokens": update_tokens,
               "dtype": str(dtype).replace("torch.", ""), "device": str(device),
               "sources": entries}
     return AlignmentResult(perms=perms, report=report)

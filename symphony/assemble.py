@@ -115,7 +115,9 @@ def model_tensors(config) -> dict[str, tuple[int, ...]]:
     installed transformers builds it (on the meta device)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    from symphony.data import quiet_zero_size_init
+
+    with torch.device("meta"), quiet_zero_size_init():  # a disabled shared expert has 0-neuron weights
         model = AutoModelForCausalLM.from_config(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:

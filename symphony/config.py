@@ -23,6 +23,9 @@ given as a dict). A bad key or value is a SymphonyError that names the key and t
       seq_len: 512
       batch_size: 8
       solver: auto
+      layers_per_pass: auto      # auto: the most layers per pass over the calibration text whose correlation
+                                 #   state fits a quarter of the free GPU memory (at most 4 GiB on the CPU;
+                                 #   symphony.align.auto_layers_per_pass); N: N layers per pass
     experts:
       sources: null              # names of the sources that give experts; default: all
       per_source: 1              # > 1 splits each aligned FFN into that many experts of f / per_source neurons
@@ -86,6 +89,7 @@ class AlignmentConfig:
     seq_len: int = 512
     batch_size: int = 8
     solver: str = "auto"
+    layers_per_pass: str | int = "auto"
 
 
 @dataclass
@@ -292,6 +296,9 @@ def parse_config(data: dict, base_dir=None) -> BuildConfig:
     if not isinstance(alignment.solver, str) or (SOLVERS and alignment.solver not in SOLVERS):
         raise SymphonyError(f"alignment.solver: {alignment.solver!r} is not one of "
                             f"{', '.join(SOLVERS or ['auto'])}")
+    lpp = alignment.layers_per_pass = r.get("layers_per_pass", "auto")
+    if lpp != "auto" and (isinstance(lpp, bool) or not isinstance(lpp, int) or lpp < 1):
+        raise SymphonyError(f"alignment.layers_per_pass: {lpp!r} must be auto or an integer >= 1")
     r.done()
 
     r = _Reader(top.get("experts"), "experts")

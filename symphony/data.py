@@ -7,8 +7,10 @@ non-overlapping windows of `seq_len` tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -112,6 +114,24 @@ def experts_implementation(device: torch.device) -> str | None:
     return None
 
 
+# torch.nn.init's warning for a zero-size weight (see quiet_zero_size_init).
+ZERO_SIZE_INIT_WARNING = "Initializing zero-element tensors is a no-op"
+
+
+@contextlib.contextmanager
+def quiet_zero_size_init():
+    """Inside the block, hide torch's UserWarning "Initializing zero-element tensors is a no-op", and only it.
+
+    transformers initialises every weight of a model it builds or loads, and torch.nn.init warns for each
+    zero-size one. A Symphony Qwen2-MoE whose shared expert is disabled has such weights on purpose (0
+    neurons; symphony.assemble), so wrap the code that builds or loads models in this. Every other warning
+    goes through as before (the filter matches this exact message and category; the previous filters are
+    restored on exit)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(ZERO_SIZE_INIT_WARNING) + "$", category=UserWarning)
+        yield
+
+
 def check_model_dir(model_dir) -> Path:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -142,15 +162,17 @@ def load_tokenizer(model_dir):
 
 
 def load_model(model_dir, *, device="auto", dtype="auto"):
-    """The causal LM in `model_dir` on `device` in `dtype`, in eval mode (experts as experts_implementation says)."""
+    """The causal LM in `model_dir` on `device` in `dtype`, in eval mode (experts as experts_implementation says;
+    torch's warning for the zero-size weights of a disabled shared expert hidden: quiet_zero_size_init)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = check_model_dir(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    impl = experts_implementation(dev)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt,
-                                                     experts_implementation=experts_implementation(dev))
+        with quiet_zero_size_init():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt, experts_implementation=impl)
     except Exception as e:  # noqa: BLE001
         raise SymphonyError(f"cannot load the model in {model_dir}: {e}") from e
     return model.to(dev).eval()

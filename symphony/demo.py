@@ -122,7 +122,10 @@ def _check_experts(moe_dir: Path, paths: dict) -> str | None:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(moe_dir, dtype="auto", output_loading_info=True)
+    from symphony.data import quiet_zero_size_init
+
+    with quiet_zero_size_init():
+        model, info = AutoModelForCausalLM.from_pretrained(moe_dir, dtype="auto", output_loading_info=True)
     bad = {k: sorted(v)[:3] for k, v in info.items() if v}
     if bad:
         return f"loading the MoE reported {bad}"

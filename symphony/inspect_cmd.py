@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from symphony.data import (batches, check_model_dir, check_output_file, load_config, load_model, load_tokenizer,
-                           read_texts, resolve_device, resolve_dtype, token_stream, write_json)
+                           quiet_zero_size_init, read_texts, resolve_device, resolve_dtype, token_stream, write_json)
 from symphony.errors import SymphonyError
 
 HELP = "summarise a built model: config, expert load, alignment report"
@@ -61,7 +61,7 @@ def config_summary(model_dir) -> dict:
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_dir)
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_zero_size_init():
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     summary = {"architecture": (config.architectures or [type(model).__name__])[0],

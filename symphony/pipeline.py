@@ -15,42 +15,99 @@ Order of work (symphony.config describes the YAML):
 Everything is written into a temporary folder beside the output and renamed into place at the end; a failure
 or Ctrl-C removes it, so nothing is left behind.
 
-Memory. Each stage holds, at most:
+Memory. What each stage holds at once (host RAM unless said; "checkpoint" = the MoE's weights on disk):
 - checks: configs, tokenizers, safetensors headers, the calibration token ids (the baseline: Python, torch and
-  transformers, about 0.45 GiB RSS here).
-- fusion + assembly: one output tensor plus the N source tensors it is made of (an attention weight: N + 1
-  tensors of d x d; an expert tensor: f x d and its permuted copy), float64 chunks of 4M elements per source,
-  and the embedding / lm_head in 8192-row chunks (with `expert_layout: fused`, a layer's whole gate_up_proj,
-  E x 2f x d). So it stays under about 1 GiB above the baseline for any model size.
-- router init "hidden" (symphony.align.hidden_centroids): one dense source at a time (float32 on CPU, bfloat16
-  on CUDA) and one batch of activations.
-- alignment (only where it runs): the anchor and one source (dense), symphony.align's float64 correlation
-  state (8 * layers * f^2 bytes), the float32 correlation matrix (4 * layers * f^2) and one batch of
-  activations of both models.
-- stage 2 (symphony.train.train_router): the whole MoE, loaded by transformers; its save reloads it and calls
-  save_pretrained (about 4x the checkpoint's size in RSS, see below).
-Measured (`symphony build` prints each stage's peak RSS, sampled from /proc every 20 ms, and CUDA's peak on
-GPU) on CPU with 4 fixture sources of 63M parameters each (float32, d=1024, f=4096, 4 layers; made by
-`make_family(root, arch="qwen2", domains=("prose", "code", "math", "legal"), steps=1, base_steps=1,
-n_lines=100, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
-num_key_value_heads=4)`; 819 MiB MoE; router_init hidden; stage 2: 5 steps of 8 x 128 tokens):
-per_source 1: router init 775 MiB, assembly 574 MiB, stage 2 3.66 GiB; per_source 2 (alignment runs, 37568
-calibration tokens): alignment 1.90 GiB, router init 809 MiB, assembly 617 MiB, stage 2 3.65 GiB. Stage 2's
-3.2 GiB above the baseline is 3.9x the checkpoint: transformers' load (the model plus the mmapped file) and
-train.py's save (a second load plus save_pretrained). `symphony.assemble.replace_tensors`, which copies the
-checkpoint tensor by tensor with the routers replaced, saves the same result at +13 MiB.
-Expected peaks, from these sizes (bf16 weights, 2 bytes/parameter):
-- 4 x Qwen2.5-0.5B (24 layers, d=896, f=4864, tied 151936-token embedding): the Qwen2-MoE has 1.43B
-  parameters (2.9 GB). Assembly: baseline + < 1 GiB. Hidden init: one 0.5B source (1 GB). Alignment (when it
-  runs): 2 GB of models + 4.5 GB float64 state + 2.3 GB correlation matrix, about 9 GB. Stage 2: 2.9 GB of
-  weights on the GPU plus activations; host RSS about 4 x 2.9 = 12 GB with train.py's save (6 GB with a
-  streaming save).
-- 4 x 7B (Llama-2-7B: 32 layers, d=4096, f=11008 -> a 19.7B-parameter Mixtral, 39 GB; Mistral-7B, f=14336,
-  -> 24.2B, 48 GB): assembly still baseline + < 1 GiB; hidden init: one 7B source (14 GB on the GPU).
-  Alignment: 2 x 14 GB of models + 31 GB (f=11008) or 53 GB (f=14336) of float64 state + 16 / 26 GB of
-  correlation matrix: 75-107 GB, which does not fit an 80 GB H100 (an H200 holds it). Stage 2: 39-48 GB of
-  weights on the GPU plus activations (router-only training fits an 80 GB GPU); host RSS about 4x the
-  checkpoint (160-195 GB) with train.py's save, about 2x with a streaming save.
+  transformers, 0.43 GiB RSS here).
+- alignment (only where it runs; symphony.align): the anchor and one source, loaded whole (on the CPU in
+  float32, on CUDA in bfloat16), their forwards over one batch, and one pass's correlation memory
+  (symphony.align.pass_memory: per layer of the pass 12 * f^2 bytes of float64 state and float32
+  correlation matrix, plus the FFN activations of one accumulator update; once, the accumulator's scratch).
+  `alignment.layers_per_pass: auto` puts as many layers in a pass as fit symphony.align.memory_budget (a
+  quarter of the GPU memory free before the models load; on the CPU min(4 GiB, a quarter of the available
+  RAM)); each further pass reruns both models' forwards. On CUDA the batches are concatenated into updates
+  of 16384 tokens (the accumulator's per-update pass over its float64 state dominates below that), on the
+  CPU each batch is its own update. Loading a source on the way to the GPU holds it on the host for a moment.
+- router init "hidden" (symphony.align.hidden_centroids): one dense source at a time and one batch's
+  activations.
+- fusion + assembly (symphony.fusion, symphony.assemble): one output tensor plus the N source tensors it is
+  made of (an attention weight: N + 1 tensors of d x d; an expert tensor: f x d and its permuted copy),
+  float64 chunks of 4M elements per source, and the embedding / lm_head in 8192-row chunks (with
+  `expert_layout: fused`, a layer's whole gate_up_proj, E x 2f x d). So it stays under about 1 GiB above the
+  baseline for any model size.
+- stage 2 (symphony.train.train_router): the whole MoE, loaded by transformers (on CUDA in bfloat16, the
+  routers' float32 master copies and their AdamW states beside it: a few MB), the activations of one
+  8 x 256-token batch kept for the backward pass (the routers of the first layer get their gradient through
+  every layer above), then the save. In "router" mode nothing is reloaded any more: the save copies the
+  stage 1 checkpoint tensor by tensor with the routers replaced (symphony.assemble.replace_tensors, one
+  tensor at a time), after the model is dropped. "full" mode still reloads the model whole on the host
+  for its save (train.py: from_pretrained + save_pretrained). On disk, the stage 1 checkpoint and the
+  trained one exist side by side until the end (2x the checkpoint).
+
+Measured: `symphony build` prints each stage's peak RSS (sampled from /proc every 20 ms) and, on GPU, CUDA's
+peak. On the CPU, 4 fixture sources of 63M parameters (float32, d=1024, f=4096, 4 layers), an 819 MiB
+Qwen2-MoE, router_init hidden, 37568 calibration tokens, stage 2 5 steps of 8 x 128 tokens, made and built by
+(from an empty folder, with the project installed; the second build took 24 min on 2 cores):
+
+    python - <<'PY'
+    import pathlib, yaml
+    from symphony.testing import domain_text, make_family
+    root, doms = pathlib.Path("mem"), ("prose", "code", "math", "legal")
+    paths = make_family(root / "src", arch="qwen2", domains=doms, steps=1, base_steps=1, n_lines=100,
+                        hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=4)
+    for d in doms:
+        (root / f"{d}.txt").write_text("\\n".join(domain_text(d, 300)))
+    for m in (1, 2):
+        (root / f"build{m}.yaml").write_text(yaml.safe_dump({
+            "sources": [{"path": f"src/{p.name}", "calibration": [f"{d}.txt"]} for p, d in zip(paths, doms)],
+            "experts": {"per_source": m}, "device": "cpu",
+            "router_training": {"steps": 5, "batch_size": 8, "seq_len": 128}}))
+    PY
+    symphony build mem/build1.yaml --out mem/moe1 --quiet
+    symphony build mem/build2.yaml --out mem/moe2 --quiet
+
+| peak RSS | checks (baseline) | alignment | router init | fusion + assembly | stage 2 |
+|---|---|---|---|---|---|
+| per_source 1 (alignment skipped) | 0.43 GiB | – | 1.08 GiB | 622 MiB | 2.70 GiB |
+| per_source 2 (alignment: 1 pass of 4 layers) | 0.43 GiB | 2.54 GiB | 1.07 GiB | 680 MiB | 2.52 GiB |
+
+Stage 2 was 3.66 / 3.65 GiB when its save reloaded the model and called save_pretrained. Its peak is now
+the training itself, 2.1-2.3 GiB above the baseline for the 0.82 GiB checkpoint: the model, the checkpoint
+file, which transformers keeps mmapped while some parameters are views of it (clean file pages that count
+in RSS and that the kernel can reclaim; RssAnon / RssFile in /proc/self/status right after
+`symphony.data.load_model("mem/moe1", device="cpu")`: 1.02 / 0.90 GiB), and the CPU training step; the save
+itself holds one tensor at a time. Alignment: 2.1 GiB above the baseline: the two float32 sources (0.47
+GiB) and one pass, which pass_memory bounds by 1.75 GiB (4 x 201 MB of state and matrix, 4 x 134 MB of one
+4096-token batch of both models' float32 activations, 512 MiB of scratch).
+
+Expected peaks (derived from the above, not measured), router mode on one 80 GB H100 (78 GiB free: an
+alignment budget of 19.5 GiB), bfloat16, default settings (alignment batches 8 x 512 tokens, stage 2
+batches 8 x 256):
+- 4 x Qwen2.5-0.5B (24 layers, d=896, f=4864, tied 151936-token embedding) -> a 1.43B-parameter Qwen2-MoE,
+  2.9 GB. Alignment (when it runs): 2 GB of models + one pass of all 24 layers, 18.5 GB (6.8 GB of state and
+  matrix, 9.6 GB of activations: a 16384-token update and a 4096-token batch of both models, 2 GiB of
+  scratch): about 21 GB of GPU. Hidden init: one source (1 GB). Stage 2: 2.9 GB of weights + activations
+  (the experts keep [T*k, 3f] per layer for the backward, 0.12 GB per layer at T = 2048, k = 2: 2.9 GB; the
+  logits, 2048 x 151936 in bf16 and float32 with their gradient, about 3 GB; hidden states and attention,
+  about 1 GB): about 10 GB of GPU. Host: the baseline + about one checkpoint while a model is loaded on the
+  CPU before it moves to the GPU (1 GB for a source, 2.9 GB, plus its file pages, for the MoE).
+- 4 x 7B: Llama-2-7B (32 layers, d=4096, f=11008) -> a 19.7B-parameter Mixtral, 39 GB; Mistral-7B
+  (f=14336) -> 24.2B, 48 GB. Assembly: still baseline + < 1 GiB. Hidden init: one source (13.5-14.5 GB of
+  GPU). Alignment: 27-29 GB of models + one pass, 2.36 GB per layer at f=11008 (1.45 GB of state and matrix)
+  and 3.64 GB at f=14336, so `auto` gives 5 passes of <= 7 layers (18.6 GB) or 7 passes of <= 5 layers
+  (20.8 GB): about 47-51 GB of GPU. (One pass of all 32 layers, what alignment did before
+  `layers_per_pass: auto`, holds 46.5 / 78.9 GB of state and matrix alone: 74-108 GB with the models, past
+  an 80 GB GPU.) Stage 2: 39-48 GB of weights + activations (experts 0.27 / 0.35 GB per layer at T = 2048,
+  8.7 / 11.3 GB; hidden states and attention about 5 GB; logits under 1 GB): about 55-66 GB, which fits one
+  80 GB GPU. Host: the baseline + about one checkpoint while the MoE is loaded on the CPU before it moves to
+  the GPU (39-48 GB of anonymous memory for the fused experts, plus up to as much in file pages), then one
+  tensor at a time for the save.
+- Full post-training (`router_training.train: full`): train.py keeps every parameter in float32 (4 bytes)
+  with its float32 gradient (4) and AdamW's two float32 states (8): 16 bytes per parameter plus activations.
+  4 x 0.5B: 23 GB + activations, about 30 GB: one 80 GB GPU. 4 x 7B: 316 GB (19.7B) / 386 GB (24.2B)
+  before activations: beyond one GPU (even a 141 GB H200); it needs the parameters and optimizer states
+  sharded over 4-8 GPUs (FSDP / ZeRO-3), which train.py does not do. Its save reloads the model whole on
+  the host (39-48 GB) and writes it with save_pretrained.
 """
 from __future__ import annotations
 
@@ -266,6 +323,7 @@ def _checks(cfg: BuildConfig, out_dir: Path, force: bool) -> _Checked:
         if c.calib_ids.numel() < seq:
             c.align_note = f"calibration text shorter than alignment.seq_len={seq}: one window of " \
                            f"{c.calib_ids.numel()} tokens"
+        c.layers_per_pass, c.passes_note = _layers_per_pass(cfg, anchor, c.device)
     if cfg.experts.router_init == "hidden":
         _need_align_module("experts.router_init: hidden")
         c.centroid_ids = {s.name: _tokens(c.sources[i].tokenizer, c.source_texts[s.name],
@@ -301,6 +359,33 @@ def _plan(cfg: BuildConfig, c: _Checked, *, perms, routers):
                    routers=routers, perms=perms, layout=cfg.output.expert_layout)
 
 
+def _layers_per_pass(cfg: BuildConfig, anchor, device: torch.device) -> tuple[int, str]:
+    """(layers per alignment pass, a line for the summary): `alignment.layers_per_pass` N (at most the number
+    of layers), or for "auto" symphony.align.auto_layers_per_pass within symphony.align.memory_budget (a
+    quarter of the free GPU memory, taken now, before any model is loaded; on the CPU min(4 GiB, a quarter of
+    the available RAM))."""
+    from symphony import align
+
+    layers, f = anchor.num_layers, anchor.intermediate_size
+    a = cfg.alignment
+    kw = dict(batch_tokens=min(a.batch_size * a.seq_len, a.max_tokens),
+              update_tokens=align.default_update_tokens(device), itemsize=_forward_dtype(device).itemsize,
+              device=device)
+    if a.layers_per_pass == "auto":
+        budget = align.memory_budget(device)
+        k = align.auto_layers_per_pass(layers, f, budget_bytes=budget, **kw)
+        how = f"auto, budget {_size(budget)}"
+    else:
+        k, how = min(a.layers_per_pass, layers), "alignment.layers_per_pass"
+    passes = -(-layers // k)
+    need = align.pass_memory(k, f, **kw)
+    note = f"{passes} pass{'es' if passes > 1 else ''} of <= {k} layers, <= {_size(need)} of correlation memory " \
+           f"each ({how})"
+    if a.layers_per_pass == "auto" and need > budget:
+        note += "; one layer alone exceeds the budget"
+    return k, note
+
+
 def _check_perm(p, layers: int, f: int, name: str) -> torch.Tensor:
     p = torch.as_tensor(p).long().cpu()
     if p.shape != (layers, f) or not bool((p.sort(dim=1).values == torch.arange(f)).all()):
@@ -317,7 +402,7 @@ def _run_alignment(cfg: BuildConfig, c: _Checked, progress: bool):
                                  device=c.device, dtype=_forward_dtype(c.device), batch_size=cfg.alignment.batch_size,
                                  seq_len=cfg.alignment.seq_len, max_tokens=cfg.alignment.max_tokens,
                                  solver=cfg.alignment.solver, id_maps=[c.sources[i].local_ids for i in idx],
-                                 progress=progress)
+                                 layers_per_pass=c.layers_per_pass, progress=progress)
     anchor = c.sources[cfg.anchor_index]
     perms = {i: _check_perm(result.perms[j], anchor.num_layers, anchor.intermediate_size, c.sources[i].name)
              for j, i in enumerate(idx) if i != cfg.anchor_index}
@@ -371,6 +456,7 @@ def _report(cfg: BuildConfig, c: _Checked, plan, align_result) -> dict:
     alignment = {"ran": c.align, "reason": c.align_reason}
     if c.align:
         alignment["calibration_tokens"] = int(c.calib_ids.numel())
+        alignment["passes"] = c.passes_note
         if getattr(c, "align_note", None):
             alignment["note"] = c.align_note
         if align_result is not None and isinstance(getattr(align_result, "report", None), dict):
@@ -396,7 +482,7 @@ def _report(cfg: BuildConfig, c: _Checked, plan, align_result) -> dict:
 def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dict:
     """Build a Symphony-MoE checkpoint into `out_dir` from `config` (a BuildConfig, a dict or a YAML path).
 
-    Returns {"out", "architecture", "num_experts", "top_k", "expert_sources", "alignment" ({"ran", "reason",
+    Returns {"out", "architecture", "num_experts", "top_k", "expert_sources", "alignment" ({"ran", "reason", "passes",
     "table"}), "stage2" (train_router's summary without the per-step losses, or None), "timings_s",
     "peak_rss_bytes", "peak_cuda_bytes", "total_size"}.
     """
@@ -461,7 +547,8 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dic
     table = align_result.table() if align_result is not None and hasattr(align_result, "table") else None
     return {"out": str(out_dir), "architecture": c.target.architectures[0], "num_experts": len(plan.expert_names),
             "top_k": cfg.experts.top_k, "expert_sources": plan.expert_names,
-            "alignment": {"ran": c.align, "reason": c.align_reason, "table": table}, "stage2": stage2,
+            "alignment": {"ran": c.align, "reason": c.align_reason, "table": table,
+                          "passes": getattr(c, "passes_note", None)}, "stage2": stage2,
             "timings_s": timings, "peak_rss_bytes": _peak_rss(),
             "peak_cuda_bytes": max([p["cuda"] for p in memory.peaks.values()] + [0]),
             "stage_peaks": memory.peaks, "total_size": written["total_size"]}
@@ -492,8 +579,9 @@ def format_summary(s: dict) -> str:
             if peak and s["peak_cuda_bytes"]:
                 mem += f"  {_size(peak['cuda']):>10}"
             note = ""
-            if key == "alignment" and not s["alignment"]["ran"]:
-                note = f"  {s['alignment']['reason']}"
+            if key == "alignment":
+                note = f"  {s['alignment'].get('passes') or ''}" if s["alignment"]["ran"] \
+                    else f"  {s['alignment']['reason']}"
             if key == "stage2" and s["stage2"] and s["stage2"]["steps"]:
                 st = s["stage2"]
                 note = f"  {st['steps']} steps, loss {st['first_loss']:.4f} -> {st['last_loss']:.4f}"

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from symphony.data import (DTYPES, check_model_dir, load_config, load_model, load_tokenizer, resolve_device,
-                           resolve_dtype, token_stream, windows)
+from symphony.data import (DTYPES, check_model_dir, load_config, load_model, load_tokenizer, quiet_zero_size_init,
+                           resolve_device, resolve_dtype, token_stream, windows)
 from symphony.errors import SymphonyError
 from symphony.evaluate import nll_sum
 from symphony.inspect_cmd import moe_shape, route_counts
@@ -216,7 +216,8 @@ def _write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor
                     shutil.copy2(p, tmp / p.name)
             replace_tensors(model_dir, tmp, trained)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+            with quiet_zero_size_init():
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
             with torch.no_grad():
                 for name, value in trained.items():
                     model.get_parameter(name).copy_(value)
@@ -333,7 +334,7 @@ def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir
         routed = sum(route_counts(model(input_ids=b.to(device), output_router_logits=True, use_cache=False)
                                   .router_logits, top_k, num_experts) for b in data[:32].split(cfg.batch_size))
     final_load = routed.double() / routed.sum(1, keepdim=True)
-    trained = {n: p.detach().cpu() for n, p in trainable.items()}
+    trained = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}  # not views of the mmapped file
     del model, optimizer, params, trainable
     if device.type == "cuda":
         torch.cuda.empty_cache()

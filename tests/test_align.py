@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from symphony.align import (align_models, align_sources, apply_ffn_permutation, calibration_windows,
-                            capture_ffn_activations, decoder_layers, hidden_centroids, permute_ffn,
+from symphony.align import (align_models, align_sources, apply_ffn_permutation, auto_layers_per_pass,
+                            calibration_windows, capture_ffn_activations, chunk_plan, decoder_layers,
+                            default_update_tokens, hidden_centroids, memory_budget, pass_memory, permute_ffn,
                             permute_ffn_biases, router_from_centroids)
 from symphony.data import token_stream
 from symphony.errors import SymphonyError
@@ -164,6 +165,77 @@ def test_streaming_matches_one_batch(source_family, calib_ids):
     by_layer = align_models(anchor, source, windows, layers_per_pass=1)  # one pass per layer, forwards cut short
     assert torch.equal(by_layer.perm, one.perm) and by_layer.tokens == 2048
     assert by_layer.after == pytest.approx(one.after, abs=1e-6)
+
+
+def test_chunked_updates_give_the_same_alignment(source_family, calib_ids, monkeypatch):
+    """Concatenating batches into chunks of >= update_tokens tokens changes nothing but rounding, and the
+    accumulator really gets the chunks."""
+    from symphony_kernels.correlation import CorrelationAccumulator
+
+    anchor, source = _load(source_family[0]), _load(source_family[1])
+    windows = calibration_windows(calib_ids, seq_len=32, batch_size=5, max_tokens=3000)  # 160-token batches
+    sizes = [w.numel() for w in windows]
+    assert sizes[-1] < 160  # a short last batch too
+    seen = []
+    real_update = CorrelationAccumulator.update
+    monkeypatch.setattr(CorrelationAccumulator, "update", lambda self, xa, xb=None: (
+        seen.append((xa.shape[1], xb.shape[1])), real_update(self, xa, xb))[1])
+    single = align_models(anchor, source, windows, update_tokens=1)
+    assert seen == [(n, n) for n in sizes]  # one update per batch
+    seen.clear()
+    chunked = align_models(anchor, source, windows, update_tokens=700)
+    assert [a for a, _ in seen] == [800] * (len(sizes) // 5) + [sum(sizes[-(len(sizes) % 5):])]
+    assert chunked.tokens == single.tokens == sum(sizes)
+    assert torch.equal(chunked.perm, single.perm)
+    assert chunked.after == pytest.approx(single.after, abs=1e-6)
+    assert chunked.before == pytest.approx(single.before, abs=1e-6)
+    seen.clear()
+    whole = align_models(anchor, source, windows, update_tokens=10**9, layers_per_pass=1)  # one update per pass
+    assert [a for a, _ in seen] == [sum(sizes)] * 2
+    assert torch.equal(whole.perm, single.perm) and whole.after == pytest.approx(single.after, abs=1e-6)
+    with pytest.raises(ValueError, match="update_tokens"):
+        align_models(anchor, source, windows, update_tokens=0)
+
+
+def test_chunk_plan_and_update_defaults():
+    assert chunk_plan([4, 4, 4, 4, 2], 8) == [[0, 1], [2, 3], [4]]
+    assert chunk_plan([4, 4, 3], 1) == [[0], [1], [2]]
+    assert chunk_plan([4, 4, 3], 100) == [[0, 1, 2]]
+    assert chunk_plan([], 8) == []
+    with pytest.raises(ValueError, match="update_tokens"):
+        chunk_plan([4], 0)
+    assert default_update_tokens("cpu") == 1 and default_update_tokens(torch.device("cuda", 0)) == 16384
+
+
+def test_pass_memory_and_layers_per_pass():
+    # per layer: 12 f^2 of float64 state + float32 correlation, and one batch of both models' activations
+    f, batch = 1000, 64
+    per_layer = 12 * f * f + batch * 2 * f * 4
+    one = pass_memory(1, f, batch_tokens=batch)
+    assert pass_memory(3, f, batch_tokens=batch) - one == 2 * per_layer
+    assert one - per_layer == 512 << 20  # the accumulator's CPU scratch bound
+    # chunking adds a chunk buffer of ceil(update / batch) batches per layer
+    chunked = pass_memory(3, f, batch_tokens=batch, update_tokens=200, device="cpu")
+    assert chunked - pass_memory(3, f, batch_tokens=batch) == 3 * 256 * 2 * f * 4
+    # 7B on CUDA (f = 11008, bf16, 8 x 512-token batches into 16384-token updates): 2.36 GB per layer
+    big = pass_memory(2, 11008, batch_tokens=4096, update_tokens=16384, itemsize=2, device="cuda")
+    step = big - pass_memory(1, 11008, batch_tokens=4096, update_tokens=16384, itemsize=2, device="cuda")
+    assert step == 12 * 11008**2 + (4096 + 16384) * 2 * 11008 * 2
+    # the most layers that fit, then spread evenly over the passes that takes
+    kw = dict(batch_tokens=batch)
+    fixed = one - per_layer
+    assert auto_layers_per_pass(32, f, budget_bytes=fixed + 12 * per_layer, **kw) == 11  # 3 passes: 11, 11, 10
+    assert auto_layers_per_pass(32, f, budget_bytes=fixed + 32 * per_layer, **kw) == 32
+    assert auto_layers_per_pass(4, f, budget_bytes=10**15, **kw) == 4
+    assert auto_layers_per_pass(32, f, budget_bytes=0, **kw) == 1  # never below one layer
+    assert pass_memory(auto_layers_per_pass(24, f, budget_bytes=fixed + 7 * per_layer, **kw), f, **kw) \
+        <= fixed + 7 * per_layer
+    with pytest.raises(ValueError, match="budget_bytes"):
+        auto_layers_per_pass(4, f, budget_bytes=-1, **kw)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        pass_memory(4, f, batch_tokens=0)
+    budget = memory_budget("cpu")
+    assert 0 < budget <= 4 << 30
 
 
 def test_calibration_windows_spread_and_rest():

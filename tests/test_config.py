@@ -21,6 +21,7 @@ def test_defaults_and_paths(tmp_path):
     assert cfg.sources[1].path == tmp_path / "src/b" and cfg.sources[1].calibration == [tmp_path / "b.txt"]
     assert cfg.fusion.attention == "slerp" and cfg.fusion.t is None and cfg.fusion.embeddings == "selective"
     assert cfg.alignment.enabled == "auto" and cfg.experts.top_k == 2 and cfg.experts.router_init == "hidden"
+    assert cfg.alignment.layers_per_pass == "auto"
     assert cfg.output.max_shard_size == 2 * 10**9 and cfg.output.expert_layout == "per_expert"
     # alignment and stage 2 text default to the sources' calibration files
     assert cfg.calibration_files() == [tmp_path / "a.txt", tmp_path / "b.txt"] == cfg.training_files()
@@ -30,13 +31,15 @@ def test_defaults_and_paths(tmp_path):
 def test_values_pass_through(tmp_path):
     cfg = parse_config(minimal(anchor="b", device="cpu", seed=3,
                                fusion={"attention": "linear", "t": [0.1, 0.9], "norms": "anchor"},
-                               alignment={"enabled": False, "calibration": ["mix.txt"], "max_tokens": 1000},
+                               alignment={"enabled": False, "calibration": ["mix.txt"], "max_tokens": 1000,
+                                          "layers_per_pass": 3},
                                experts={"sources": ["b"], "per_source": 2, "top_k": 1, "router_init": "zeros"},
                                router_training={"steps": 7, "lr": "3e-3", "text": ["train.txt"]},
                                output={"dtype": "bfloat16", "max_shard_size": "1.5MiB", "expert_layout": "fused"}),
                        base_dir=tmp_path)
     assert cfg.anchor_index == 1 and cfg.expert_sources == ["b"] and cfg.fusion.t == [0.1, 0.9]
     assert cfg.alignment.enabled is False and cfg.calibration_files() == [tmp_path / "mix.txt"]
+    assert cfg.alignment.layers_per_pass == 3
     assert cfg.training_files() == [tmp_path / "train.txt"]
     assert cfg.router_training.lr == 3e-3 and cfg.router_training.device == "cpu" and cfg.router_training.seed == 3
     assert cfg.output.max_shard_size == int(1.5 * 2**20)
@@ -59,6 +62,7 @@ def test_the_example_config_is_valid():
     cfg = load_config(ROOT / "examples" / "build.yaml")
     assert [s.name for s in cfg.sources] == ["general", "coder", "math"] and cfg.anchor == "general"
     assert cfg.router_training.steps == 200 and cfg.alignment.solver == "auto"
+    assert cfg.alignment.layers_per_pass == "auto"
 
 
 @pytest.mark.parametrize("change, words", [
@@ -72,6 +76,9 @@ def test_the_example_config_is_valid():
     (dict(alignment={"enabled": 1}), ["alignment.enabled"]),
     (dict(alignment={"max_tokens": 0}), ["alignment.max_tokens", "0"]),
     (dict(alignment={"solver": "hungarian"}), ["alignment.solver", "'hungarian'"]),
+    (dict(alignment={"layers_per_pass": 0}), ["alignment.layers_per_pass", "0", "auto"]),
+    (dict(alignment={"layers_per_pass": "all"}), ["alignment.layers_per_pass", "'all'"]),
+    (dict(alignment={"layers_per_pass": True}), ["alignment.layers_per_pass"]),
     (dict(experts={"sources": ["a", "z"]}), ["experts.sources", "'z'"]),
     (dict(experts={"per_source": 0}), ["experts.per_source"]),
     (dict(experts={"top_k": 5}), ["experts.top_k", "5"]),

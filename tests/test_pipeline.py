@@ -4,6 +4,8 @@ left behind)."""
 import json
 import os
 import shutil
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +13,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from symphony import cli, pipeline
+from symphony import align, cli, pipeline
 from symphony.config import parse_config
+from symphony.data import ZERO_SIZE_INIT_WARNING, load_model, quiet_zero_size_init
 from symphony.pipeline import alignment_decision, build, format_summary
 from symphony.testing import domain_text, make_family
 
@@ -42,7 +45,8 @@ def write_config(path, sources, calib, **extra):
 
 
 def load(path):
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    with quiet_zero_size_init():
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not any(info.values()), info
     return model.eval()
 
@@ -300,7 +304,8 @@ def test_alignment_undoes_a_neuron_permutation(small, tmp_path):
             shutil.copy(f, copy / f.name)
     save_file(w, copy / "model.safetensors", metadata={"format": "pt"})
     cfg = {"sources": [str(sources["prose"]), str(copy)], "alignment": {"enabled": True, "seq_len": 64,
-                                                                          "calibration": [str(calib["prose"])]},
+                                                                          "calibration": [str(calib["prose"])],
+                                                                          "layers_per_pass": 1},
            "experts": {"router_init": "zeros"}, "router_training": {"steps": 0}, "device": "cpu"}
     build(cfg, tmp_path / "moe", progress=False)
     out = weights(tmp_path / "moe")
@@ -310,6 +315,47 @@ def test_alignment_undoes_a_neuron_permutation(small, tmp_path):
             assert torch.equal(out[f"{base}1.{n}_proj.weight"], out[f"{base}0.{n}_proj.weight"])
     aligned = json.loads((tmp_path / "moe" / "alignment_report.json").read_text())["alignment"]
     assert aligned["sources"][0]["mean_after"] > 0.999 and aligned["sources"][0]["mean_before"] < 0.5
+    assert aligned["layers_per_pass"] == 1 and aligned["passes"].startswith("2 passes of <= 1 layers")
+
+
+def test_layers_per_pass_auto_fits_the_budget(monkeypatch):
+    """alignment.layers_per_pass: auto takes the most layers whose pass fits the budget, spread evenly; N is
+    taken as given (at most the number of layers)."""
+    cfg = parse_config({"sources": ["a", "b"], "experts": {"router_init": "zeros"}, "router_training": {"steps": 0},
+                        "alignment": {"batch_size": 8, "seq_len": 512}})
+    anchor = SimpleNamespace(num_layers=32, intermediate_size=11008)
+    kw = dict(batch_tokens=4096, update_tokens=1, itemsize=4, device="cpu")
+    budget = align.pass_memory(12, 11008, **kw)
+    monkeypatch.setattr(align, "memory_budget", lambda device: budget)
+    k, note = pipeline._layers_per_pass(cfg, anchor, torch.device("cpu"))
+    assert k == 11 and note.startswith("3 passes of <= 11 layers") and "auto" in note
+    assert align.pass_memory(k, 11008, **kw) <= budget < align.pass_memory(13, 11008, **kw)
+    monkeypatch.setattr(align, "memory_budget", lambda device: 0)
+    k, note = pipeline._layers_per_pass(cfg, anchor, torch.device("cpu"))
+    assert k == 1 and "one layer alone exceeds the budget" in note
+    cfg.alignment.layers_per_pass = 40
+    assert pipeline._layers_per_pass(cfg, anchor, torch.device("cpu"))[0] == 32
+
+
+def test_zero_size_shared_expert_loads_quietly(small, tmp_path):
+    """torch's "Initializing zero-element tensors" warning (the disabled shared expert) is hidden in build and
+    in load_model, and only that warning."""
+    sources, calib = small
+    cfg = write_config(tmp_path / "b.yaml", sources, calib, experts={"router_init": "zeros"},
+                       router_training={"steps": 1, "seq_len": 16, "batch_size": 2})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build(cfg, tmp_path / "moe", progress=False)
+        model = load_model(tmp_path / "moe", device="cpu")
+        with quiet_zero_size_init():
+            warnings.warn("another warning")
+    assert model.config.shared_expert_intermediate_size == 0
+    messages = [str(w.message) for w in seen]
+    assert "another warning" in messages and not any(ZERO_SIZE_INIT_WARNING in m for m in messages), messages
+    with warnings.catch_warnings(record=True) as seen:  # what transformers says without the filter
+        warnings.simplefilter("always")
+        AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert any(ZERO_SIZE_INIT_WARNING in str(w.message) for w in seen)
 
 
 def test_demo_builds_evaluates_and_checks(tmp_path, capsys, monkeypatch):
