@@ -258,11 +258,11 @@ class MemoryMonitor:
         self._note()
         if self._stage is not None and self.device.type == "cuda":
             self.peaks[self._stage]["cuda"] = torch.cuda.max_memory_allocated(self.device)
-        self._stage = name
-        if name is not None:
+        if name is not None:  # the entry first: the sampling thread reads self.peaks[self._stage]
             self.peaks[name] = {"rss": _rss() or 0, "cuda": 0}
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+        self._stage = name
 
     def close(self):
         self.stage(None)
