@@ -26,6 +26,17 @@ import torch
 
 from benchmarks.quality import data as qdata
 
+
+def from_preset(cls, what: str, name: str, overrides: dict):
+    """An instance of the settings dataclass `cls` from its PRESETS[name] with `overrides` (known fields only)."""
+    if name not in cls.PRESETS:
+        raise ValueError(f"unknown {what} preset {name!r}; choose from {', '.join(cls.PRESETS)}")
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} setting {unknown[0]!r}; known: {', '.join(known)}")
+    return cls(**{**cls.PRESETS[name], **overrides})
+
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
 
@@ -67,13 +78,7 @@ class FamilyConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "FamilyConfig":
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown family preset {name!r}; choose from {', '.join(cls.PRESETS)}")
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in overrides if k not in known]
-        if unknown:
-            raise ValueError(f"unknown family setting {unknown[0]!r}; known: {', '.join(known)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
+        return from_preset(cls, "family", name, overrides)
 
     def __post_init__(self):
         for f in fields(self):

@@ -33,7 +33,7 @@ from benchmarks.quality import data as qdata
 from benchmarks.quality import drift as qdrift
 from benchmarks.quality import merges as qmerges
 from benchmarks.quality import metrics as qmetrics
-from benchmarks.quality.family import FamilyConfig, data_fingerprint, make_family, read_family
+from benchmarks.quality.family import FamilyConfig, data_fingerprint, from_preset, make_family, read_family
 
 STAGES = ("family", "contenders", "all")
 
@@ -76,13 +76,7 @@ class StudySettings:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "StudySettings":
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown study preset {name!r}; choose from {', '.join(cls.PRESETS)}")
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in overrides if k not in known]
-        if unknown:
-            raise ValueError(f"unknown study setting {unknown[0]!r}; known: {', '.join(known)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
+        return from_preset(cls, "study", name, overrides)
 
     def __post_init__(self):
         for f in fields(self):
