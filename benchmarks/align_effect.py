@@ -9,10 +9,10 @@ largest logit difference between the two, and their held-out loss (mean next-tok
   shared      whole experts + a shared expert = the mean of the source FFNs (added with weight sigmoid(0) = 0.5,
               what a Qwen2-MoE shared_expert_gate of zeros gives)
   split       each FFN split into 2 experts of f/2 contiguous neurons (per_source 2, down projections times 2
-              as symphony.assemble does), top-2 of 2N
+              as symphony.build.assemble does), top-2 of 2N
   merged      no MoE: one dense FFN = the mean of the source FFNs (a dense merge)
 
-with the router rows from hidden-state centroids (symphony.align.router_from_centroids, as `symphony build`
+with the router rows from hidden-state centroids (symphony.build.router_init.router_from_centroids, as `symphony build`
 does; split experts of one source then share a row), or random rows, and for the MoEs also after a short
 router training (`--train-steps` AdamW steps on the routers only, LM loss, identical for both variants). The
 backbone (embeddings, attention, norms, lm_head) is the linear average of the sources in every variant.
@@ -40,7 +40,10 @@ from pathlib import Path
 
 import torch
 
-from symphony.align import align_sources, decoder_layers, hidden_centroids, permute_ffn, router_from_centroids
+from symphony.build.align import align_sources
+from symphony.build.capture import decoder_layers
+from symphony.build.permute import permute_ffn
+from symphony.build.router_init import hidden_centroids, router_from_centroids
 from symphony.data import token_stream
 from symphony.testing import domain_text, make_family, make_tokenizer, tiny_config, train_steps
 from symphony_kernels.reference import moe_experts_reference, route_reference
@@ -100,7 +103,7 @@ def build(backbone, source_ffns, perms, kind, router_rows=None, top_k=2):
             for c in range(parts):
                 sl = slice(c * g.shape[0] // parts, (c + 1) * g.shape[0] // parts)
                 gate_up.append(torch.cat([g[sl], u[sl]]))
-                down.append(d[:, sl] * parts)  # as symphony.assemble: all blocks at weight 1/m = the FFN
+                down.append(d[:, sl] * parts)  # as symphony.build.assemble: all blocks at weight 1/m = the FFN
         layer.mlp = ToyMoE(router_rows[l], torch.stack(gate_up), torch.stack(down), top_k,
                            shared=mean if kind == "shared" else None)
     return model.eval()
@@ -214,10 +217,10 @@ def router_init_rows(cents, norms, variant):
     L, N, d = cents.shape
     if variant == "raw":          # the centroids themselves
         return cents.clone()
-    if variant == "centre,unit":  # centred, then unit norm (symphony.assemble.router_weights at the time of writing)
+    if variant == "centre,unit":  # centred, then unit norm (symphony.build.router_init.router_weights at the time of writing)
         c = cents - cents.mean(1, keepdim=True)
         return c / c.norm(dim=2, keepdim=True).clamp_min(1e-12)
-    if variant == "unit,centre":  # symphony.align.router_from_centroids (unit, centred, scale 8 / mean norm)
+    if variant == "unit,centre":  # symphony.build.router_init.router_from_centroids (unit, centred, scale 8 / mean norm)
         return router_from_centroids(cents, norms=norms)
     raise ValueError(variant)
 

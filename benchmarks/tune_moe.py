@@ -3,8 +3,8 @@
     python benchmarks/tune_moe.py --out DIR [--phase fwd|bwd|all] [--jobs N]
 
 Each candidate configuration is forced through `symphony_kernels._configs.OVERRIDE` and timed on its own
-(the forward GEMMs through `experts.up_gemm` / `experts._down_gemm`; the backward kernels through
-`experts.experts_backward` with one gradient asked at a time, minus the shared d(inter) GEMM). Compilation
+(the forward GEMMs through `_experts_launch.up_gemm` / `_experts_launch._down_gemm`; the backward kernels through
+`_experts_launch.experts_backward` with one gradient asked at a time, minus the shared d(inter) GEMM). Compilation
 runs first in N worker processes (filling Triton's cache), then one process times everything.
 Writes DIR/tune_<phase>.json and prints, last, the best configurations as `_configs.TABLE` entries.
 """
@@ -74,7 +74,7 @@ def problem(name, T, grad=False):
 
 
 def fwd_calls(name, T):
-    from symphony_kernels import experts as X
+    from symphony_kernels import _experts_launch as X
 
     x, gu, dn, w, ids, off, srt = problem(name, T)
     d, f, E, k = SHAPES[name]
@@ -89,7 +89,7 @@ def fwd_calls(name, T):
 
 
 def bwd_calls(name, T):
-    from symphony_kernels import experts as X
+    from symphony_kernels import _experts_launch as X
 
     x, gu, dn, w, ids, off, srt = problem(name, T)
     out, g_u, inter = X.experts_forward(x, gu, dn, w, ids, off, srt, "silu", True)

@@ -2,9 +2,9 @@
 import importlib
 
 _EXPORTS = {
-    "SymphonyMoE": "moe",
-    "patch": "hf",
-    "unpatch": "hf",
+    "SymphonyMoE": "nn.moe",
+    "patch": "nn.hf",
+    "unpatch": "nn.hf",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -22,7 +22,7 @@ def __dir__():
 
 
 # `experts_implementation="symphony"` for transformers: registered now if transformers' experts interface is
-# already imported, else by a one-shot import hook when it is (symphony.hf imports neither transformers nor torch).
-from symphony import hf as _hf  # noqa: E402
+# already imported, else by a one-shot import hook when it is (symphony.nn.hf imports neither transformers nor torch).
+from symphony.nn import hf as _hf  # noqa: E402
 
 _hf.install_import_hook()

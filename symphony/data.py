@@ -102,7 +102,7 @@ def experts_implementation(device: torch.device) -> str | None:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     try:
-        import symphony.hf as hf
+        import symphony.nn.hf as hf
 
         if "symphony" not in ALL_EXPERTS_FUNCTIONS and hasattr(hf, "register"):
             hf.register()
@@ -124,7 +124,7 @@ def quiet_zero_size_init():
 
     transformers initialises every weight of a model it builds or loads, and torch.nn.init warns for each
     zero-size one. A Symphony Qwen2-MoE whose shared expert is disabled has such weights on purpose (0
-    neurons; symphony.assemble), so wrap the code that builds or loads models in this. Every other warning
+    neurons; symphony.build.targets), so wrap the code that builds or loads models in this. Every other warning
     goes through as before (the filter matches this exact message and category; the previous filters are
     restored on exit)."""
     with warnings.catch_warnings():

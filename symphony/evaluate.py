@@ -1,24 +1,31 @@
-"""`symphony eval`: perplexity of a causal LM on text files.
+"""Measurements of a causal LM that the commands share: perplexity, expert load (routing), and a checkpoint's
+config summary and build report.
 
-The text is cut into non-overlapping windows of `seq_len` tokens (symphony.data); inside each window every
-token after the first is predicted from the ones before it, so the NLL is the token-weighted mean over all
-predicted tokens and the perplexity is exp(NLL). Window starts get no context from the previous window:
-a shorter `seq_len` gives a higher perplexity.
+Perplexity: the text is cut into non-overlapping windows of `seq_len` tokens (symphony.data); inside each
+window every token after the first is predicted from the ones before it, so the NLL is the token-weighted mean
+over all predicted tokens and the perplexity is exp(NLL). Window starts get no context from the previous
+window: a shorter `seq_len` gives a higher perplexity.
+
+Expert load is the fraction of routed (token, expert) assignments that go to each expert of each MoE layer:
+every token picks its top-k experts by router logit, as the model does, and each row sums to 1 (a uniform
+router gives 1/num_experts everywhere). When the build recorded which source each expert came from
+(`expert_sources`, a list with one source name per expert, in `alignment_report.json`), the load is also
+summed per source.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from symphony.data import (batches, check_model_dir, check_output_file, load_model, load_tokenizer, read_texts,
-                          resolve_device, resolve_dtype, token_stream, write_json)
+from symphony.data import batches, load_config, quiet_zero_size_init, token_stream
 from symphony.errors import SymphonyError
 
-HELP = "perplexity of a model on text files"
+REPORT = "alignment_report.json"
 
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -48,39 +55,76 @@ def perplexity(model, tokenizer, texts, *, seq_len: int = 512, batch_size: int =
     return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count}
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("model", help="model folder (a transformers causal LM with its tokenizer)")
-    parser.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files, one result each")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
-                                                        "bfloat16, float16")
-    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+def route_counts(router_logits, top_k: int, num_experts: int) -> torch.Tensor:
+    """[layers, experts] counts of top-k assignments, from a model's per-layer router logits [tokens, experts]."""
+    return torch.stack([torch.bincount(logits.detach().topk(top_k, dim=-1).indices.flatten().cpu(),
+                                       minlength=num_experts) for logits in router_logits])
 
 
-def run(args) -> int:
-    if args.seq_len < 2 or args.batch_size < 1:
-        raise SymphonyError("--seq-len must be at least 2 and --batch-size at least 1")
-    check_model_dir(args.model)
-    resolve_dtype(args.dtype, resolve_device(args.device))
-    if args.json:
-        check_output_file(args.json)
-    texts = read_texts(args.text)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    results = {path: perplexity(model, tokenizer, [text], seq_len=args.seq_len, batch_size=args.batch_size)
-               for path, text in zip(args.text, texts)}
-    tokens = sum(r["tokens"] for r in results.values())
-    nll = sum(r["nll"] * r["tokens"] for r in results.values()) / tokens
-    overall = {"nll": nll, "ppl": math.exp(nll), "tokens": tokens}
+def moe_shape(config) -> tuple[int, int]:
+    """(num_experts, top_k) of an MoE config; a SymphonyError for a dense model."""
+    num_experts, top_k = getattr(config, "num_experts", None), getattr(config, "num_experts_per_tok", None)
+    if not num_experts or not top_k:
+        raise SymphonyError(f"{type(config).__name__} is not a mixture-of-experts model: it has no experts to route")
+    return num_experts, top_k
 
-    width = max(len("all files"), *map(len, results))
-    print(f"{'file':<{width}}  {'tokens':>9}  {'NLL':>7}  {'PPL':>9}")
-    for name, r in [*results.items(), *([("all files", overall)] if len(results) > 1 else [])]:
-        print(f"{name:<{width}}  {r['tokens']:>9}  {r['nll']:>7.4f}  {r['ppl']:>9.3f}")
-    if args.json:
-        write_json(args.json, {"model": str(args.model), "seq_len": args.seq_len, "batch_size": args.batch_size,
-                               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                               "files": results, "all": overall})
-    return 0
+
+@torch.no_grad()
+def expert_load(model, tokenizer, texts, *, seq_len: int = 512, batch_size: int = 8,
+                progress: bool = True) -> torch.Tensor:
+    """[MoE layers, experts] fraction of routed assignments per expert of `model` on `texts` (rows sum to 1)."""
+    num_experts, top_k = moe_shape(model.config)
+    device = next(model.parameters()).device
+    counts = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in tqdm(batches(token_stream(tokenizer, texts), seq_len, batch_size), desc="routing", unit="batch",
+                        disable=not progress, leave=False):
+            out = model(input_ids=ids.to(device), output_router_logits=True, use_cache=False)
+            counts = counts + route_counts(out.router_logits, top_k, num_experts)
+    finally:
+        model.train(was_training)
+    return counts.double().div(counts.sum(dim=1, keepdim=True)).float()
+
+
+def config_summary(model_dir) -> dict:
+    """Architecture, sizes, experts and parameter counts (total; active per token) of the checkpoint's config."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_dir)
+    with torch.device("meta"), quiet_zero_size_init():
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    summary = {"architecture": (config.architectures or [type(model).__name__])[0],
+               "model_type": config.model_type, "dtype": str(config.dtype).removeprefix("torch."),
+               "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+               "vocab_size": config.vocab_size, "params": total, "active_params": total}
+    blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    if blocks:
+        num_experts, top_k = moe_shape(config)
+        expert_params = sum(p.numel() for b in blocks for p in b.experts.parameters())
+        summary.update(moe_layers=len(blocks), experts=num_experts, top_k=top_k,
+                       expert_intermediate_size=getattr(config, "moe_intermediate_size", None)
+                       or config.intermediate_size,
+                       active_params=total - expert_params * (num_experts - top_k) // num_experts)
+        if getattr(config, "shared_expert_intermediate_size", 0):
+            summary["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
+    return summary
+
+
+def read_report(model_dir) -> dict | None:
+    path = Path(model_dir) / REPORT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SymphonyError(f"cannot read {path}: {e}") from e
+
+
+def source_load(load: torch.Tensor, sources: list[str]) -> dict[str, list[float]]:
+    """Per source name, its experts' summed load in every layer."""
+    if len(sources) != load.shape[1]:
+        raise SymphonyError(f"{REPORT} names {len(sources)} expert sources for {load.shape[1]} experts")
+    return {s: load[:, [i for i, t in enumerate(sources) if t == s]].sum(1).tolist() for s in dict.fromkeys(sources)}

@@ -56,7 +56,7 @@ def _check_scores(scores) -> tuple[torch.Tensor, bool]:
         bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
         if bool(bad.any()):
             layer = int(bad.nonzero()[0, 0])
-            raise ValueError(f"scores hold non-finite values (NaN or inf)" + (f" in layer {layer}" if batched else ""))
+            raise ValueError("scores hold non-finite values (NaN or inf)" + (f" in layer {layer}" if batched else ""))
     return s, batched
 
 

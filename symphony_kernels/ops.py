@@ -11,15 +11,16 @@ Ops (namespace `symphony`):
 - `moe_experts_backward(...)`: its backward, itself an op so that compiled backward graphs call it.
 
 None of them syncs with the host; grids depend on shapes only, so they can be captured in CUDA graphs.
-The public entry points are `routing.route`, `routing.dispatch` and `experts.moe_experts`, which check their
-inputs first and take the reference path where the Triton kernels cannot run.
+Layering: kernels (`_*_kernels`, `_experts_fwd`, `_experts_bwd`) -> launchers (`_routing_launch`, `_experts_launch`)
+-> these ops -> the public functions `routing.route`, `routing.dispatch` and `experts.moe_experts`, which check
+their inputs first and take the reference path where the Triton kernels cannot run.
 """
 from __future__ import annotations
 
 import torch
 
-from . import experts as _experts
-from . import routing as _routing
+from . import _experts_launch as _experts
+from . import _routing_launch as _routing
 
 # ------------------------------------------------------------------------------------------------ route
 

@@ -21,20 +21,16 @@ CPU tensors run the Triton kernels under TRITON_INTERPRET=1, otherwise the refer
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
-from ._runtime import MAX_EXPERTS, MAX_PAIRS, MAX_TOP_K, next_pow2, use_triton
+from . import ops
+from ._runtime import MAX_EXPERTS, MAX_PAIRS, MAX_TOP_K, use_triton
 from .reference import SCORINGS, dispatch_reference, route_reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
-_SORT_PROGRAMS = 64  # most programs of the sort kernel (each reads every program's counter row once)
-_GATHER = True       # the sort kernel looks cursors up with tl.gather (else through a scratch row)
-# Count blocks the sort kernel places per step (at most; 1 = one block at a time). SYMPHONY_SORT_CHUNK overrides.
-_SORT_CHUNK = int(os.environ.get("SYMPHONY_SORT_CHUNK", "8"))
 
 
 class RoutingPlan(NamedTuple):
@@ -96,143 +92,8 @@ def check_dispatch_args(topk_ids, num_experts):
         raise ValueError(f"tokens * top_k = {topk_ids.shape[0] * k} exceeds {MAX_PAIRS} (int32 pair ids)")
 
 
-# --------------------------------------------------------------------------------------------- launchers
-def _block_tokens(EP: int) -> int:
-    return max(16, min(256, 8192 // EP))
-
-
-def _sort_grid(nb: int) -> tuple[int, int]:
-    """(programs of the sort kernel, count blocks per program)."""
-    nprog = min(nb, _SORT_PROGRAMS)
-    G = -(-nb // nprog)
-    return -(-nb // G), G
-
-
-def _sort_launch(ids, lrank, bcount, gcount, G, E, BT, counts, offsets, sorted_pairs):
-    from ._routing_kernels import _sort_kernel
-
-    T, k = ids.shape
-    nb = bcount.shape[0]
-    nprog = gcount.shape[0]
-    EP = next_pow2(E + 1)
-    KP = next_pow2(k)
-    CH = max(1, min(_SORT_CHUNK, G, 2048 // (BT * KP)))
-    CH = 1 << (CH.bit_length() - 1)  # a power of two
-    global _GATHER
-    while True:
-        scratch = bcount if _GATHER else torch.empty((nprog, CH * EP), dtype=torch.int32, device=ids.device)
-        try:
-            _sort_kernel[(nprog,)](ids, ids.stride(0), ids.stride(1), lrank, bcount, gcount, T, E, nb, G, nprog,
-                                   counts, offsets, sorted_pairs, scratch, K=k, KP=KP, BT=BT, EP=EP,
-                                   RB=max(1, min(64, 4096 // EP)), CH=CH, GATHER=_GATHER, num_warps=4)
-            return
-        except Exception as exc:  # a Triton build without a working tl.gather: use the scratch-row variant
-            if not _GATHER or "ompil" not in type(exc).__name__ + str(exc)[:200]:
-                raise
-            _GATHER = False
-
-
-def route_triton(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool):
-    """The five plan tensors through the Triton kernels (no checks; see `route`)."""
-    from ._routing_kernels import _route_kernel
-
-    T, E = router_logits.shape
-    dev = router_logits.device
-    acc = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
-    weights = torch.empty((T, top_k), dtype=acc, device=dev)
-    ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
-    lrank = torch.empty((T, top_k), dtype=torch.int32, device=dev)
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    sorted_pairs = torch.empty(T * top_k, dtype=torch.int32, device=dev)
-    if T == 0:
-        counts.zero_()
-        offsets.zero_()
-        return weights, ids, counts, offsets, sorted_pairs
-    EP = next_pow2(E)
-    BT = _block_tokens(EP)
-    nb = -(-T // BT)
-    bcount = torch.empty((nb, E + 1), dtype=torch.int32, device=dev)
-    nprog, G = _sort_grid(nb)
-    gcount = torch.zeros((nprog, E + 1), dtype=torch.int32, device=dev)
-    _route_kernel[(nb,)](router_logits, router_logits.stride(0), router_logits.stride(1), T, E,
-                         weights, ids, lrank, bcount, gcount, G,
-                         K=top_k, KP=next_pow2(top_k), BT=BT, EP=EP,
-                         SIGMOID=scoring == "sigmoid", RENORM=renormalize, F64=acc == torch.float64,
-                         num_warps=8 if BT * EP >= 8192 else 4)
-    _sort_launch(ids, lrank, bcount, gcount, G, E, BT, counts, offsets, sorted_pairs)
-    return weights, ids, counts, offsets, sorted_pairs
-
-
-def dispatch_triton(topk_ids: torch.Tensor, num_experts: int):
-    """(counts, offsets, sorted_pairs) for given ids through the Triton kernels (no checks)."""
-    from ._routing_kernels import _count_kernel
-
-    T, k = topk_ids.shape
-    E = num_experts
-    dev = topk_ids.device
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    sorted_pairs = torch.empty(T * k, dtype=torch.int32, device=dev)
-    if T == 0:
-        counts.zero_()
-        offsets.zero_()
-        return counts, offsets, sorted_pairs
-    EP = next_pow2(E + 1)
-    BT = _block_tokens(EP)
-    nb = -(-T // BT)
-    lrank = torch.empty((T, k), dtype=torch.int32, device=dev)
-    bcount = torch.empty((nb, E + 1), dtype=torch.int32, device=dev)
-    nprog, G = _sort_grid(nb)
-    gcount = torch.zeros((nprog, E + 1), dtype=torch.int32, device=dev)
-    _count_kernel[(nb,)](topk_ids, topk_ids.stride(0), topk_ids.stride(1), T, E, lrank, bcount, gcount, G,
-                         K=k, KP=next_pow2(k), BT=BT, EP=EP, num_warps=8 if BT * EP >= 8192 else 4)
-    _sort_launch(topk_ids, lrank, bcount, gcount, G, E, BT, counts, offsets, sorted_pairs)
-    return counts, offsets, sorted_pairs
-
-
-def route_backward(router_logits: torch.Tensor, topk_ids: torch.Tensor, grad_weights: torch.Tensor,
-                   scoring: str, renormalize: bool) -> torch.Tensor:
-    """Gradient of the logits from the gradient of `topk_weights`, equal to autograd through
-    `route_reference` (PyTorch ops on [T, E], no host sync). Rows whose scores do not depend on the logits
-    (a +inf maximum, nothing above -inf) and NaN/inf entries get zero (where autograd of the reference gives
-    NaN at a +inf logit, an artifact of torch.where, this gives 0)."""
-    acc = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
-    x = router_logits.to(acc)
-    x = torch.where(torch.isnan(x), torch.full_like(x, -float("inf")), x)
-    ids = topk_ids.long()
-    g = grad_weights.to(acc)
-    if scoring == "sigmoid":
-        s = torch.sigmoid(x)
-        live = torch.ones_like(x[:, :1], dtype=torch.bool)
-    else:
-        m = x.amax(dim=-1, keepdim=True)
-        live = torch.isfinite(m)
-        s = torch.softmax(torch.where(live, x, torch.zeros_like(x)), dim=-1)
-        s = torch.where(live & torch.isfinite(x), s, torch.zeros_like(s))
-    s_sel = s.gather(1, ids)
-    if renormalize:
-        tot = s_sel.sum(dim=-1, keepdim=True)
-        pos = tot > 0
-        safe = torch.where(pos, tot, torch.ones_like(tot))
-        w = s_sel / safe
-        g = torch.where(pos, (g - (g * w).sum(dim=-1, keepdim=True)) / safe, torch.zeros_like(g))
-    gs = torch.zeros_like(s).scatter_add_(1, ids, g)
-    if scoring == "sigmoid":
-        dx = gs * s * (1 - s)
-    else:
-        dx = s * (gs - (gs * s).sum(dim=-1, keepdim=True))
-        dx = torch.where(live, dx, torch.zeros_like(dx))
-    return dx.to(router_logits.dtype)
-
 
 # -------------------------------------------------------------------------------------------- public API
-def _ops():
-    from . import ops
-
-    return ops
-
-
 def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
           renormalize: bool = True) -> RoutingPlan:
     """Route `router_logits` [T, E] to the top-k experts of every token and plan the dispatch.
@@ -244,7 +105,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
     if not use_triton(router_logits.device):
         weights, ids = route_reference(router_logits, top_k, scoring, renormalize)
         return RoutingPlan(weights, ids, *dispatch_reference(ids, router_logits.shape[1]))
-    return RoutingPlan(*_ops().route(router_logits, top_k, scoring, renormalize))
+    return RoutingPlan(*ops.route(router_logits, top_k, scoring, renormalize))
 
 
 def dispatch(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,7 +115,7 @@ def dispatch(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     check_dispatch_args(topk_ids, num_experts)
     if not use_triton(topk_ids.device):
         return _dispatch_reference_dropping(topk_ids, num_experts)
-    return _ops().dispatch(topk_ids, num_experts)
+    return ops.dispatch(topk_ids, num_experts)
 
 
 def _dispatch_reference_dropping(topk_ids, num_experts):

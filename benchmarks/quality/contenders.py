@@ -4,7 +4,7 @@ Kinds:
 - "checkpoint": a family member as it is (the base, each specialist);
 - "merge": a dense merge of the specialists (merges.py), with task arithmetic's and TIES's scaling chosen on
   the validation text (the value with the lowest mean validation loss over the training domains);
-- "moe": a Symphony-MoE pipeline config (a dict for `symphony.pipeline.build`): `moe_config` fills in the
+- "moe": a Symphony-MoE pipeline config (a dict for `symphony.build.pipeline.build`): `moe_config` fills in the
   sources (the specialists, each with its domain's calibration text), the anchor and the study's calibration
   settings, then applies the contender's overrides. Stage 1 is built once per contender with
   `router_training.steps: 0`; stage 2 (when `train` is "router" or "full") then runs once per seed through
@@ -112,7 +112,7 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 def moe_config(contender: Contender, *, family_dir, domains: list[str], anchor: str, calib_files: dict,
                align_tokens: int, seq_len: int, batch_size: int, device: str, seed: int = 0) -> dict:
-    """The pipeline config (a dict for symphony.pipeline.build) of an MoE contender, stage 1 only.
+    """The pipeline config (a dict for symphony.build.pipeline.build) of an MoE contender, stage 1 only.
 
     calib_files: {domain: path} of that contender's calibration text per source (absolute paths)."""
     from pathlib import Path

@@ -5,7 +5,7 @@
   lm_head), and the cosine similarity between the task vectors (theta_s - theta_base) of every pair.
 - `neuron_correlation(anchor_dir, {name: dir}, docs)`: per non-anchor source, per layer, the mean Pearson
   correlation between anchor FFN neuron i and source neuron i over calibration tokens ("identity", i.e. before
-  alignment), the mean matched correlation after the linear assignment (symphony.align.align_models, the
+  alignment), the mean matched correlation after the linear assignment (symphony.build.correlate.align_models, the
   pipeline's own code on symphony_kernels' CorrelationAccumulator), and the fraction of neurons that the
   matching leaves in place. A fraction near 1 means the specialists still share the base's neuron order, so
   alignment is close to the identity.
@@ -63,10 +63,10 @@ def parameter_drift(base_dir, specialists: dict) -> dict:
 
 def neuron_correlation(anchor_dir, sources: dict, docs: list[str], *, seq_len: int, batch_size: int = 8,
                        max_tokens: int = 65536, device="auto") -> dict:
-    """symphony.align.align_sources' report for the non-anchor `sources` ({name: folder}) against the anchor
+    """symphony.build.align.align_sources' report for the non-anchor `sources` ({name: folder}) against the anchor
     on `docs`: per source "mean_before" (identity pairing), "mean_after" (matched) and per layer "before",
     "after", "moved" (fraction of neurons the matching moves); plus "mean_moved" per source."""
-    from symphony.align import align_sources
+    from symphony.build.align import align_sources
     from symphony.data import load_tokenizer, resolve_device, token_stream
 
     dev = resolve_device(device)

@@ -11,7 +11,7 @@ Every tensor of the checkpoint is merged (embeddings, attention, FFN, norms, lm_
 (on whatever device the tensors are on) and are written in the base's stored dtype as an ordinary transformers
 folder (the base's config and tokenizer).
 
-`permute_to_anchor` applies FFN neuron permutations (from symphony.align.align_sources) to a state dict first,
+`permute_to_anchor` applies FFN neuron permutations (from symphony.build.align.align_sources) to a state dict first,
 so that "linear average after alignment" can be measured: the one dense merge where alignment can matter.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ def domain_loss(model, tokenizer, docs: list[str], *, seq_len: int, batch_size: 
     """{"nll", "ppl", "tokens", and for an MoE "load": [layers][experts] routed fractions} on `docs`."""
     from symphony.data import batches, token_stream
     from symphony.evaluate import nll_sum
-    from symphony.inspect_cmd import route_counts
+    from symphony.evaluate import route_counts
 
     device = next(model.parameters()).device
     moe = _moe(model)

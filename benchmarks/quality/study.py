@@ -239,7 +239,7 @@ class Study:
         if c.merge == "linear":
             merged = qmerges.linear(states)
         elif c.merge == "linear_aligned":
-            from symphony.align import align_sources
+            from symphony.build.align import align_sources
             from symphony.data import load_tokenizer, token_stream
 
             docs = [p.read_text(encoding="utf-8") for p in self.calib_files["default"].values()]
@@ -267,7 +267,7 @@ class Study:
         return info
 
     def build_moe(self, c: qc.Contender, out_dir: Path) -> dict:
-        from symphony.pipeline import build
+        from symphony.build.pipeline import build
 
         s = self.settings
         cfg = qc.moe_config(c, family_dir=self.family_dir.resolve(), domains=self.train_domains, anchor=self.anchor,
@@ -337,7 +337,7 @@ def family_fingerprint(family_dir: Path) -> str:
 
 
 def _param_counts(model_dir: Path) -> dict:
-    from symphony.inspect_cmd import config_summary
+    from symphony.evaluate import config_summary
 
     s = config_summary(model_dir)
     return {"total": s["params"], "active": s["active_params"]}
@@ -379,7 +379,7 @@ def _complete(entry: dict | None, c: qc.Contender, seeds: int) -> bool:
 
 def validate(st: Study, chosen: list[qc.Contender]):
     """Check every chosen MoE contender's pipeline config and the stage 2 settings before any heavy work."""
-    from symphony.config import parse_config
+    from symphony.build.config import parse_config
     from symphony.train import RouterTrainingConfig
 
     s = st.settings

@@ -1,0 +1,32 @@
+"""`symphony build`: build a Symphony-MoE checkpoint from dense sources (symphony.build.pipeline)."""
+from __future__ import annotations
+
+import argparse
+
+from symphony.build.config import load_config
+from symphony.build.pipeline import build
+from symphony.build.report import format_summary
+
+HELP = "build a Symphony-MoE checkpoint from dense sources (YAML config)"
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("config", help="build config (YAML; see examples/build.yaml)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--device", help="override the config's device: auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config)
+    if args.quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    if args.device:
+        cfg.device = args.device
+        cfg.router_training.device = args.device
+    summary = build(cfg, args.out, force=args.force, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,5 @@
+"""Stage 2 of a Symphony-MoE build: training the routers (or every parameter) of an assembled MoE."""
+from symphony.train.config import RouterTrainingConfig
+from symphony.train.loop import batch_indices, load_balancing_loss, router_parameters, train_router
+
+__all__ = ["RouterTrainingConfig", "batch_indices", "load_balancing_loss", "router_parameters", "train_router"]

@@ -1,0 +1,200 @@
+"""Stage 2 of a Symphony-MoE build: train the routers (or everything) of an assembled MoE checkpoint.
+
+Loss = next-token cross-entropy + aux_loss_coef * load-balancing loss. The load-balancing loss is computed
+here from the router logits (not taken from the model's own `aux_loss`): for every MoE layer, the Switch
+Transformer loss E * sum_i f_i * P_i, where f_i is the fraction of the layer's top-k assignments that go to
+expert i and P_i the mean router probability of expert i; then the mean over layers. It is 1 for a perfectly
+balanced router. Transformers' `load_balancing_loss_func` instead pools the counts and probabilities of all
+layers before taking the product (expert i of one layer and expert i of another are unrelated experts, so
+that penalises the wrong thing) and scales by top_k; for a single MoE layer the two agree up to that factor.
+Training windows are packed text with no padding, so no attention mask is needed.
+
+Trainable parameters ("router" mode): every MoE block's `gate` (the router) and Qwen2-MoE's
+`shared_expert_gate`; "full" mode trains every parameter. Trainable parameters are kept in float32 (AdamW
+master weights); the frozen ones stay in `dtype`, and the forward runs under autocast when `dtype` is not
+float32. On CUDA the experts run on Symphony's kernels when they are registered (symphony.data).
+
+Checkpoints (every `checkpoint_every` steps: the trainable parameters, AdamW's state, the step, the RNG
+state and the losses so far) go to `checkpoint_dir` (default: a folder next to `out_dir`); `resume=True`
+continues from the latest one and ends with the same result as a run that was never interrupted: the batch
+of step s and the learning rate of step s are functions of (seed, s) alone. Checkpoints are deleted once the
+final model is saved.
+"""
+from __future__ import annotations
+
+import sys
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from symphony.data import (check_model_dir, load_config, load_model, load_tokenizer, resolve_device, resolve_dtype,
+                           token_stream, windows)
+from symphony.errors import SymphonyError
+from symphony.evaluate import moe_shape, nll_sum, route_counts
+from symphony.train.config import RESUME_FIELDS, RouterTrainingConfig
+from symphony.train.save import checkpoints, save_checkpoint, write_model
+
+
+def router_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Every MoE block's router (`gate`) and shared-expert gate parameters, by name."""
+    params = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "gate") and hasattr(module, "experts"):
+            for child in ("gate", "shared_expert_gate"):
+                if isinstance(getattr(module, child, None), torch.nn.Module):
+                    for n, p in getattr(module, child).named_parameters():
+                        params[f"{name}.{child}.{n}"] = p
+    return params
+
+
+def load_balancing_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Mean over MoE layers of the Switch loss E * sum_i f_i * P_i (1 when balanced; see the module docstring)."""
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)
+        num_experts = probs.shape[-1]
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(1).float()
+        losses.append(num_experts * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Window indices of a step's batch: a fresh seeded shuffle of all n windows per epoch, read in order."""
+    return [_epoch_order(n, seed, j // n)[j % n] for j in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def _train_step(model, batch, optimizer, params, cfg: RouterTrainingConfig, step: int, autocast, top_k: int):
+    """One AdamW step; returns (loss, lm loss, aux loss, route counts [layers, experts])."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr_at(step)
+    with autocast:
+        out = model(input_ids=batch, output_router_logits=True, use_cache=False)
+        lm = nll_sum(out.logits, batch) / (batch.numel() - batch.shape[0])
+        aux = load_balancing_loss(out.router_logits, top_k)
+        loss = lm + cfg.aux_loss_coef * aux
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), lm.item(), aux.item(), route_counts(out.router_logits, top_k, out.router_logits[0].shape[-1])
+
+
+def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir, *, resume: bool = False,
+                 checkpoint_dir=None, progress: bool = True) -> dict:
+    """Train the MoE checkpoint in `model_dir` on `texts` as `cfg` says and save it, with its tokenizer, to
+    `out_dir` (atomically; `out_dir` may be `model_dir`).
+
+    Returns {"steps", "first_loss", "last_loss", "losses", "expert_load" ([MoE layers][experts] fractions of
+    the trained model's routed assignments on up to 32 training windows), "tokens" (seen in training),
+    "trainable_params"}.
+    """
+    if not isinstance(cfg, RouterTrainingConfig):
+        raise TypeError(f"cfg must be a RouterTrainingConfig, not {type(cfg).__name__}")
+    model_dir, out_dir = check_model_dir(model_dir), Path(out_dir)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(f"{out_dir.name}.checkpoints")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.steps == 0:
+        if out_dir.resolve() != model_dir.resolve():
+            write_model(model_dir, out_dir, None)
+        return {"steps": 0, "first_loss": None, "last_loss": None, "losses": [], "expert_load": None, "tokens": 0,
+                "trainable_params": 0}
+
+    moe_shape(load_config(model_dir))
+    stream = token_stream(load_tokenizer(model_dir), texts)
+    data, _ = windows(stream, cfg.seq_len)
+    if len(data) == 0:
+        raise SymphonyError(f"the training text has {stream.numel()} tokens, fewer than seq_len={cfg.seq_len}: "
+                            "give more text or a smaller seq_len")
+    fingerprint = zlib.crc32(data.numpy().tobytes())
+    model = load_model(model_dir, device=device, dtype=dtype)
+    num_experts, top_k = moe_shape(model.config)
+    trainable = dict(model.named_parameters()) if cfg.train == "full" else router_parameters(model)
+    if not trainable:
+        raise SymphonyError(f"no router found in {model_dir} ({type(model).__name__})")
+    model.requires_grad_(False)
+    for p in trainable.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    params = list(trainable.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    settings = {k: getattr(cfg, k) for k in RESUME_FIELDS} | {"dtype": str(dtype), "data": fingerprint}
+
+    torch.manual_seed(cfg.seed)
+    start, losses = 0, []
+    latest = checkpoints(folder)[-1:] if resume else []
+    if resume and not latest:
+        print(f"no checkpoint in {folder}: starting from step 0", file=sys.stderr)
+    if latest:
+        state = torch.load(latest[0], map_location="cpu", weights_only=True)
+        if state["trainable"].keys() != trainable.keys():
+            raise SymphonyError(f"checkpoint {latest[0]} was made for another model: delete {folder} to start over")
+        for key, value in settings.items():
+            if state["settings"].get(key) != value:
+                raise SymphonyError(f"checkpoint {latest[0]} was made with {key}={state['settings'].get(key)!r}, "
+                                    f"not {value!r}: resume with the same settings and text, or delete {folder}")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start, losses = state["step"], state["losses"]
+
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    model.train()
+    counts = torch.zeros(())
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"stage 2 ({cfg.train})", unit="step", dynamic_ncols=True,
+               disable=not progress)
+    try:
+        for step in range(start, cfg.steps):
+            batch = data[batch_indices(step, cfg.batch_size, len(data), cfg.seed)].to(device)
+            loss, lm, aux, step_counts = _train_step(model, batch, optimizer, params, cfg, step, autocast, top_k)
+            losses.append(loss)
+            counts = counts + step_counts
+            load = counts.double() / counts.sum(1, keepdim=True) * num_experts
+            text = f"loss {loss:.4f} (lm {lm:.4f} aux {aux:.3f}) load {load.min():.2f}-{load.max():.2f}x"
+            bar.set_postfix_str(text, refresh=False)
+            bar.update()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                if progress:
+                    bar.write(f"step {step + 1}/{cfg.steps}  {text}  lr {cfg.lr_at(step):.2e}")
+                counts = torch.zeros(())
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                state = {"step": step + 1, "settings": settings, "losses": losses, "optimizer": optimizer.state_dict(),
+                         "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                         "rng": torch.get_rng_state()}
+                if device.type == "cuda":
+                    state["cuda_rng"] = torch.cuda.get_rng_state(device)
+                save_checkpoint(folder, state)
+    finally:
+        bar.close()
+
+    model.eval()
+    with torch.no_grad(), autocast:
+        routed = sum(route_counts(model(input_ids=b.to(device), output_router_logits=True, use_cache=False)
+                                  .router_logits, top_k, num_experts) for b in data[:32].split(cfg.batch_size))
+    final_load = routed.double() / routed.sum(1, keepdim=True)
+    trained = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}  # not views of the mmapped file
+    del model, optimizer, params, trainable
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    write_model(model_dir, out_dir, trained, cfg.train)
+    for p in checkpoints(folder):
+        p.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return {"steps": cfg.steps, "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+            "expert_load": final_load.float().tolist(), "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+            "trainable_params": sum(t.numel() for t in trained.values())}
