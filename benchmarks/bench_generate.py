@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import generate_models as gm  # noqa: E402
 from benchmarks import generate_report as report  # noqa: E402
-from benchmarks.run_info import FRESH_CACHE_ENV, Budget, fresh_cache_env, header, log, write_json  # noqa: E402
+from benchmarks.run_info import (FRESH_CACHE_ENV, Budget, base_parser, fresh_cache_env, header, log,  # noqa: E402
+                                 write_json)
 
 PROFILES = {  # defaults per profile; command-line options override them
     "default": dict(models=["qwen3-moe"], impls=list(gm.IMPLS), batch_sizes=[1, 4, 16, 64, 256], new_tokens=32,
@@ -61,7 +62,7 @@ PROFILES = {  # defaults per profile; command-line options override them
     "quick": dict(models=["qwen3-moe"], impls=["symphony", "grouped_mm"], batch_sizes=[1, 16], new_tokens=16,
                   prompt_tokens=16, reps=2, cell_budget_s=2.0, prefill_tokens=4096, prefill_reps=2,
                   cold_impls=["symphony", "grouped_mm"], cold_batch_sizes=[1], compile_impls=[],
-                  compile_batch_sizes=[1], budget_s=90.0),
+                  compile_batch_sizes=[1], budget_s=100.0),
     "tiny": dict(models=list(gm.TINY), impls=list(gm.IMPLS), batch_sizes=[1, 2], new_tokens=3, prompt_tokens=4,
                  reps=1, cell_budget_s=20.0, prefill_tokens=24, prefill_reps=1, cold_impls=["symphony"],
                  cold_batch_sizes=[1, 2], compile_impls=["symphony"], compile_batch_sizes=[1], budget_s=600.0),
@@ -71,11 +72,8 @@ IN_PROCESS_SHARE = 0.4  # of each model's budget slot: warm and prefill cells st
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="test-size models (with --device cpu: float32)")
-    ap.add_argument("--quick", action="store_true", help="~1 minute: symphony and grouped_mm, B 1 and 16")
+    ap = base_parser(__doc__, "test-size models (with --device cpu: float32)",
+                     "~1 minute: symphony and grouped_mm, B 1 and 16, no compiled phase")
     ap.add_argument("--merge", type=Path, nargs="+", help="combine the bench_generate.json of these run folders")
     ap.add_argument("--models", nargs="+")
     ap.add_argument("--impls", nargs="+", choices=gm.IMPLS)
@@ -259,8 +257,8 @@ def run_fresh(kind, name, impl, args, budget, tmp_root) -> list[dict]:
     t0 = time.perf_counter()
     failure = None
     try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--worker",
-                               str(spec_path)], env=env, capture_output=True, text=True, timeout=max(1.0, budget.left()))
+        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--worker", str(spec_path)]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=max(1.0, budget.left()))
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             failure = f"fresh process exit {proc.returncode}: " + " | ".join(tail)[-400:]

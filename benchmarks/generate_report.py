@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.generate_models import BASELINE, IMPLS
-from benchmarks.run_info import log, write_json
+from benchmarks.run_info import log, pyplot, write_json
 
 PHASES = ("check", "warm", "prefill", "cold", "compiled")
 # phase -> (key of the time or rate, whether larger is faster, key of the ratio it gets)
@@ -97,8 +97,8 @@ def table(results: dict) -> str:
             # a row without B: the fresh process failed or was skipped before its next batch size
             at = [cells.get(b) or cells.get(None) for b in bs]
             if phase == "cold":
-                texts = [_cell(r, "first_s", "{:.2f} s") + (f", {r['first_tok_s']:.1f} tok/s" if r and "first_tok_s" in r
-                                                 else "") for r in at]
+                texts = [_cell(r, "first_s", "{:.2f} s")
+                         + (f", {r['first_tok_s']:.1f} tok/s" if r and "first_tok_s" in r else "") for r in at]
             else:
                 texts = [_cell(r, "first_s", "{:.1f} s", "first_x_grouped_mm") + "; " + _cell(r, "tok_s", "{:.1f}")
                          for r in at]
@@ -115,16 +115,9 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, out_png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib missing: no plot")
-        return
+    plt = pyplot()
     models = list(results["models"])
-    if not models:
+    if plt is None or not models:
         return
     colour = {impl: f"C{i}" for i, impl in enumerate(IMPLS)}
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8), squeeze=False)

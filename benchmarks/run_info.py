@@ -2,6 +2,7 @@
 command), wall-clock timing on CPU or CUDA, atomic JSON writes, a time budget, and fresh compile caches."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -18,6 +19,29 @@ FRESH_CACHE_ENV = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 
 def log(*a):
     print(*a, flush=True)
+
+
+def base_parser(doc: str, tiny_help: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options both scripts share: --out, --device, --tiny, --quick."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    return ap
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (said once) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return None
+    return plt
 
 
 def header(device: str, argv) -> dict:

@@ -22,7 +22,6 @@ DIR/sweep_shapes.png (ratio against T, coloured by alignment) and DIR/sweep_shap
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -35,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.run_info import FRESH_CACHE_ENV, Budget, header, log, median_ms, wall, write_json  # noqa: E402
+from benchmarks.run_info import (FRESH_CACHE_ENV, Budget, base_parser, header, log, median_ms, pyplot,  # noqa: E402
+                                 wall, write_json)
 
 TOKENS = (1, 37, 300, 5000, 16384)
 PROFILES = {
@@ -49,11 +49,8 @@ LARGE_T = 4096
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="test sizes (d, f in 16..64, E <= 8; float32 on CPU)")
-    ap.add_argument("--quick", action="store_true", help="~1 minute: 10 shapes at T = 1, 300, 16384")
+    ap = base_parser(__doc__, "test sizes (d, f in 16..64, E <= 8; float32 on CPU)",
+                     "~1 minute: 10 shapes at T = 1, 300, 16384")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shapes", type=int, help="number of random shapes")
     ap.add_argument("--tokens", type=int, nargs="+")
@@ -212,7 +209,8 @@ def _fmt(v):
 
 
 def _rows(cells):
-    out = ["| shape (d, f, E, k) | d, f divisible by | T | ours ms | peer | peer ms | ratio | first call ours / peer ms |",
+    out = ["| shape (d, f, E, k) | d, f divisible by | T | ours ms | peer | peer ms | ratio | "
+           "first call ours / peer ms |",
            "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         align = f"{16 if c['d16'] else 8}, {16 if c['f16'] else 8}"
@@ -226,16 +224,9 @@ def _rows(cells):
 
 
 def plot(results, out_png):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib missing: no plot")
-        return
+    plt = pyplot()
     done = [c for c in results["cells"] if "ratio" in c]
-    if not done:
+    if plt is None or not done:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     for aligned, colour, label in ((True, "tab:blue", "d and f multiples of 16"),
