@@ -88,7 +88,10 @@ def _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, 
     S = T * k
     dev, dt = hidden.device, hidden.dtype
     inter = torch.empty((S, F), dtype=dt, device=dev)
-    gu = torch.empty((S, 2 * F) if save else (0,), dtype=dt, device=dev)
+    gu = torch.empty((S, 2 * F), dtype=dt, device=dev) if save else inter  # not written unless SAVE
+    call.buffers["inter"] = inter
+    if save:
+        call.buffers["gu"] = gu
     cfg = _pick("up", S, E, F, D, hidden)
     num_m = _num_m(decode, S, E, cfg.BM)
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
@@ -108,6 +111,7 @@ def _down(call, a, w, kmajor, weights, ids, offsets, sorted_pairs, S, E, N, KD, 
     k_split = _cdiv(_cdiv(KD, cfg.split), cfg.BK) * cfg.BK
     split = _cdiv(KD, k_split)
     y = torch.empty((split, S, N), dtype=torch.float32 if split > 1 else a.dtype, device=a.device)
+    call.buffers[f"y_{kernel}"] = y
     num_m = _num_m(decode, S, E, cfg.BM)
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
     sa, swe, swr, sys_, syr = a.stride(0), w.stride(0), w.stride(1), S * N, N
@@ -122,6 +126,7 @@ def _down(call, a, w, kmajor, weights, ids, offsets, sorted_pairs, S, E, N, KD, 
 
 def _combine(call, y, ids, T, N, E, k, dtype):
     out = torch.empty((T, N), dtype=dtype, device=y.device)
+    call.buffers["out"] = out
     BN = min(256, next_pow2(N))
     BT = max(1, min(64, 2048 // BN))
     split, S = y.shape[0], y.shape[1]
@@ -144,7 +149,7 @@ def forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, act
     inter, gu = _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, save, decode)
     y = _down(call, inter, down, True, weights, ids, offsets, sorted_pairs, S, E, D, F2 // 2, "down", decode)
     out = _combine(call, y, ids, T, D, E, k, hidden.dtype)
-    return call, out, gu, (inter if save else inter.new_empty(0))
+    return call, out, (gu if save else inter.new_empty(0)), (inter if save else inter.new_empty(0))
 
 
 def experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):

@@ -1,5 +1,5 @@
 """What eager inference runs while its kernels compile in the background (see `_launch`): the routed experts
-through torch's grouped GEMM, with no host synchronisation.
+through torch's batched or grouped GEMM, with no host synchronisation.
 
 The same function as `moe_experts` (pairs sorted by expert, gate/up GEMM, act(gate) * up * routing weight, down
 GEMM, the k slots of each token summed in a fixed order), computed in the hidden dtype with torch's own
@@ -30,14 +30,28 @@ def available(hidden, gate_up, down) -> bool:
         and torch.cuda.get_device_capability(hidden.device) >= (8, 0)
 
 
+BATCHED_MAX_BYTES = 1 << 30
+
+
 def moe_experts(hidden, gate_up, down, weights, ids, activation: str) -> torch.Tensor:
-    """[T, d]: the routed experts by grouped GEMMs (ids outside [0, E) contribute nothing)."""
-    mm = _grouped_mm()
+    """[T, d]: the routed experts (ids outside [0, E) contribute nothing): for few pairs, each pair's expert
+    weights gathered and multiplied in one batched product (what transformers decodes with, when the copies
+    take at most BATCHED_MAX_BYTES), else grouped GEMMs over the pairs sorted by expert."""
     T, d = hidden.shape
     E, f = gate_up.shape[0], down.shape[2]
     k = ids.shape[1]
     flat = ids.reshape(-1).long()
     live = (flat >= 0) & (flat < E)
+    act = ACTIVATIONS[activation]
+    if T * k * 3 * f * d * hidden.element_size() <= BATCHED_MAX_BYTES:
+        e = torch.where(live, flat, torch.zeros_like(flat))
+        x = hidden.repeat_interleave(k, dim=0)[:, :, None]
+        h = torch.bmm(gate_up[e], x)[:, :, 0].float()
+        w = torch.where(live, weights.reshape(-1).float(), torch.zeros((), device=hidden.device))
+        inter = (act(h[:, :f]) * h[:, f:] * w[:, None]).to(hidden.dtype)
+        y = torch.bmm(down[e], inter[:, :, None])[:, :, 0]
+        return y.view(T, k, d).float().sum(1).to(hidden.dtype)
+    mm = _grouped_mm()
     key = torch.where(live, flat, torch.full_like(flat, E))
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(E + 1, dtype=torch.int32, device=hidden.device)
@@ -46,7 +60,7 @@ def moe_experts(hidden, gate_up, down, weights, ids, activation: str) -> torch.T
     x = hidden[order // k]
     h = mm(x, gate_up.transpose(1, 2), offs=offs)
     w = torch.where(live, weights.reshape(-1).to(torch.float32), torch.zeros((), device=hidden.device))[order]
-    inter = (ACTIVATIONS[activation](h[:, :f].float()) * h[:, f:].float() * w[:, None]).to(hidden.dtype)
+    inter = (act(h[:, :f].float()) * h[:, f:].float() * w[:, None]).to(hidden.dtype)
     y = mm(inter, down.transpose(1, 2), offs=offs)
     y = torch.where(live[order, None], y, torch.zeros((), dtype=y.dtype, device=y.device))  # rows past offs[-1]
     pairs = torch.empty_like(y)

@@ -51,11 +51,11 @@ def compile_mode() -> str:
 
 
 def _pool() -> ThreadPoolExecutor:
+    """The compile workers (created on first use; the caller holds _lock)."""
     global _executor
-    with _lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="symphony-compile")
-        return _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="symphony-compile")
+    return _executor
 
 
 class Kernel:
@@ -149,11 +149,12 @@ class Call:
     """The launches of one public call, collected before any of them runs, so that the caller can ask whether
     they are all compiled (`ready`) and otherwise have them compiled in the background."""
 
-    __slots__ = ("device", "launches")
+    __slots__ = ("device", "launches", "buffers")
 
     def __init__(self, device: torch.device):
         self.device = device.index if device.type == "cuda" else -1
         self.launches = []
+        self.buffers = {}  # name -> the buffers the launches write (for a Replay)
 
     def add(self, kernel: Kernel, grid: tuple, args: tuple, meta: tuple):
         self.launches.append((kernel, grid, args, meta))
@@ -171,6 +172,49 @@ class Call:
             kernel.compile_async(args, meta, self.device)
 
 
+class Replay:
+    """The launches of one call, recorded with the role of every tensor argument, replayed for a later call of
+    the same shapes, dtypes and strides with that call's tensors: no configuration, key or argument work per
+    call (the eager decode path). `fresh` lists the buffers each replay allocates: (role, shape, dtype, zeroed).
+    Recorded only from a Call whose every variant is compiled and served by the short path."""
+
+    __slots__ = ("steps", "fresh", "device")
+
+    def __init__(self, call: Call, roles: dict, fresh: list):
+        by_id = {id(t): name for name, t in roles.items()}
+        self.device, self.fresh, self.steps = call.device, fresh, []
+        for kernel, grid, args, meta in call.launches:
+            compiled, tail = kernel.variants[kernel.key(args, meta, call.device)]
+            template = []
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    if id(a) not in by_id:
+                        raise ValueError("every tensor argument of a replayed launch needs a role")
+                    template.append((by_id[id(a)], None))
+                else:
+                    template.append((None, a))
+            g = grid + (1,) * (3 - len(grid))
+            self.steps.append((compiled, g, tuple(template), tail))
+
+    @classmethod
+    def record(cls, call: Call, roles: dict, fresh: list):
+        """A Replay of `call`, or None when some launch does not take the short path or is not compiled."""
+        if call.device < 0 or not _no_launch_hook():
+            return None
+        for kernel, _, args, meta in call.launches:
+            key = kernel.key(args, meta, call.device)
+            if key is None or key not in kernel.variants:
+                return None
+        return cls(call, roles, fresh)
+
+    def run(self, tensors: dict):
+        """Launch every step with `tensors` (role -> tensor, the fresh buffers included)."""
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        for compiled, g, template, tail in self.steps:
+            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *[tensors[r] if r is not None else v for r, v in template], *tail)
+
+
 try:
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - no triton: no kernels
@@ -178,8 +222,10 @@ except ImportError:  # pragma: no cover - no triton: no kernels
 
 
 def _no_launch_hook() -> bool:
+    """No launch hook is set (a profiler's, say): Triton 3.6 keeps them in chains that are never None."""
     rt = _knobs.runtime
-    return rt.launch_enter_hook is None and rt.launch_exit_hook is None
+    return not (getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)
+                or getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
 
 
 def may_defer(needs_grad: bool) -> bool:

@@ -49,6 +49,8 @@ def _sort(call, ids, lrank, bcount, gcount, G, E, BT, counts, offsets, sorted_pa
     CH = max(1, min(_SORT_CHUNK, G, 2048 // (BT * KP)))
     CH = 1 << (CH.bit_length() - 1)  # a power of two
     scratch = bcount if _GATHER else torch.empty((nprog, CH * EP), dtype=torch.int32, device=ids.device)
+    if not _GATHER:
+        call.buffers["scratch"] = scratch
     call.add(_kernel("_sort_kernel"), (nprog,),
              (ids, ids.stride(0), ids.stride(1), lrank, bcount, gcount, T, E, nb, G, nprog, counts, offsets,
               sorted_pairs, scratch),
@@ -116,6 +118,8 @@ def dispatch_call(topk_ids: torch.Tensor, num_experts: int):
     bcount = torch.empty((nb, E + 1), dtype=torch.int32, device=dev)
     nprog, G = _sort_grid(nb)
     gcount = torch.zeros((nprog, E + 1), dtype=torch.int32, device=dev)
+    call.buffers.update(counts=counts, offsets=offsets, sorted_pairs=sorted_pairs, lrank=lrank, bcount=bcount,
+                        gcount=gcount)
     call.add(_kernel("_count_kernel"), (nb,),
              (topk_ids, topk_ids.stride(0), topk_ids.stride(1), T, E, lrank, bcount, gcount, G),
              (("K", k), ("KP", next_pow2(k)), ("BT", BT), ("EP", EP), ("num_warps", 8 if BT * EP >= 8192 else 4)))

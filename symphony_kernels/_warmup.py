@@ -22,7 +22,10 @@ def warmup(hidden_size: int, intermediate_size: int, num_experts: int, top_k: in
            blocking: bool = False) -> int:
     """Compile the forward kernels of `moe_experts` (and of `route` with route=True) for experts of this shape
     at each token count in `tokens`, in the background (or before returning with blocking=True). Returns the
-    number of variants that were not compiled yet. Only meaningful on CUDA; elsewhere it returns 0."""
+    number of variants that were not compiled yet. Only meaningful on CUDA; elsewhere it returns 0.
+
+    The routing inputs decide variants too: transformers' routers hand the experts int64 ids with float32
+    (Mixtral) or `dtype` (Qwen-MoE) weights, `route` int32 ids with float32 weights; all of these are planned."""
     device = torch.device(device)
     if device.type != "cuda":
         return 0
@@ -44,18 +47,20 @@ def planned_launches(d: int, f: int, E: int, k: int, *, dtype=torch.bfloat16, we
     meta = torch.device("meta")
     gate_up = torch.empty((E, 2 * f, d), dtype=weight_dtype or dtype, device=meta)
     down = torch.empty((E, d, f), dtype=weight_dtype or dtype, device=meta)
+    routing = [(torch.int64, torch.float32), (torch.int64, dtype)] + ([(torch.int32, torch.float32)] if route else [])
     launches = []
     for T in sorted(set(int(t) for t in tokens)):
         hidden = torch.empty((T, d), dtype=dtype, device=meta)
-        ids = torch.empty((T, k), dtype=torch.int64, device=meta)
-        weights = torch.empty((T, k), dtype=torch.float32, device=meta)
-        offsets = sorted_pairs = ids
-        if not _configs.decode_mode(T * k, E):
-            dispatch, (_, offsets, sorted_pairs) = _routing_launch.dispatch_call(ids, E)
-            launches += dispatch.launches
-        call, *_ = _experts_launch.forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs,
-                                                activation, False)
-        launches += call.launches
+        for ids_dtype, w_dtype in dict.fromkeys(routing):
+            ids = torch.empty((T, k), dtype=ids_dtype, device=meta)
+            weights = torch.empty((T, k), dtype=w_dtype, device=meta)
+            offsets = sorted_pairs = ids
+            if not _configs.decode_mode(T * k, E) and not (route and ids_dtype == torch.int32):
+                dispatch, (_, offsets, sorted_pairs) = _routing_launch.dispatch_call(ids, E)
+                launches += dispatch.launches
+            call, *_ = _experts_launch.forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs,
+                                                    activation, False)
+            launches += call.launches
         if route:
             logits = torch.empty((T, E), dtype=dtype, device=meta)
             launches += _routing_launch.route_call(logits, k, "softmax", True)[0].launches

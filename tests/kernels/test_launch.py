@@ -100,3 +100,72 @@ def _launch_kernels():
 def test_warmup_compiles_ahead():
     assert sk.warmup(392, 136, 6, 2, tokens=(1, 700), blocking=True) > 0
     assert sk.warmup(392, 136, 6, 2, tokens=(1, 700)) == 0       # nothing left to compile
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("batched", [True, False])
+def test_fallback_is_the_same_function(device, batched, monkeypatch):
+    """What serves a call while its kernels compile: the batched product (few pairs) or the grouped GEMM."""
+    from symphony_kernels import _fallback
+
+    if device == "cpu" and not batched:
+        pytest.skip("grouped_mm runs on CUDA")
+    if not batched:
+        monkeypatch.setattr(_fallback, "BATCHED_MAX_BYTES", 0)
+    g = torch.Generator().manual_seed(3)
+    T, d, f, E, k = 37, 64, 48, 6, 2
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    x, gate_up, down = (torch.randn(*s, generator=g).to(device, dt) / 4 for s in ((T, d), (E, 2 * f, d), (E, d, f)))
+    w = torch.rand(T, k, generator=g).to(device)
+    ids = torch.randint(0, E, (T, k), generator=g).to(device)
+    ids[0, 1] = E                                     # a dropped pair
+    out = _fallback.moe_experts(x, gate_up, down, w, ids, "silu")
+    live = (ids >= 0) & (ids < E)
+    ref = moe_experts_reference(*(t.double().cpu() for t in (x, gate_up, down)), torch.where(live, w, 0).double().cpu(),
+                                torch.where(live, ids, 0).cpu())
+    assert _rel(out, ref) < (1e-6 if dt == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,with_plan", [(2, False), (300, False), (300, True)])
+def test_replay_equals_the_first_call(T, with_plan):
+    """The second eager call of a signature replays the first one's launches: bitwise the same result, and a
+    call with other data in the same shapes gives its own (correct) result."""
+    from symphony_kernels import experts
+
+    x, gate_up, down, w, ids = _problem(T, 128, 96, 8, 2, 40 + T)
+    sk.set_compile_mode("blocking")
+    with torch.no_grad():
+        if with_plan:
+            plan = sk.route(torch.randn(T, 8, device="cuda"), 2)
+            w, ids = plan.topk_weights, plan.topk_ids
+        kw = {"plan": plan} if with_plan else {}
+        first = sk.moe_experts(x, gate_up, down, w, ids, **kw)
+        assert any(key[0] == x.shape for key in experts._REPLAYS)
+        again = sk.moe_experts(x, gate_up, down, w, ids, **kw)
+        x2 = torch.randn_like(x)
+        other = sk.moe_experts(x2, gate_up, down, w, ids, **kw)
+    assert torch.equal(first, again)
+    ref = moe_experts_reference(*(t.double().cpu() for t in (x2, gate_up, down, w)), ids.cpu())
+    assert _rel(other, ref) < 1e-2
+
+
+def test_launch_hooks_turn_the_short_path_off():
+    from triton import knobs
+
+    assert _launch._no_launch_hook()
+    knobs.runtime.launch_enter_hook.add(print)
+    try:
+        assert not _launch._no_launch_hook()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(print)
+
+
+def test_bf16_on_the_cpu_takes_the_reference():
+    """Triton's CPU interpreter computes bf16 products wrongly; CPU bf16 calls get the reference instead."""
+    g = torch.Generator().manual_seed(0)
+    x, gate_up, down = (torch.randn(*s, generator=g).bfloat16() for s in ((9, 32), (4, 32, 32), (4, 32, 16)))
+    w, ids = torch.rand(9, 2, generator=g), torch.randint(0, 4, (9, 2), generator=g).int()
+    out = sk.moe_experts(x, gate_up, down, w, ids)
+    ref = moe_experts_reference(*(t.double() for t in (x, gate_up, down, w)), ids)
+    assert _rel(out, ref) < 1e-2
