@@ -99,9 +99,9 @@ class Budget:
     def left(self) -> float:
         return self.seconds - self.elapsed()
 
-    def allows(self, seconds: float, share: float = 1.0) -> bool:
-        """Whether `seconds` more fit in the first `share` of the budget."""
-        return self.elapsed() + seconds <= self.seconds * share
+    def allows(self, seconds: float, reserve: float = 0.0) -> bool:
+        """Whether `seconds` more fit and still leave `reserve` seconds."""
+        return self.elapsed() + seconds + reserve <= self.seconds
 
 
 def fresh_cache_env(names, root: str) -> dict:

@@ -152,10 +152,10 @@ def run_cell(shape, T, gate_up, down, args, dtype, quick) -> dict:
 def summary(cells) -> dict:
     done = [c for c in cells if "ratio" in c]
     if not done:
-        return {"cells": 0}
+        return {"cells": 0, "failed": len(cells)}
     below = [c for c in done if c["ratio"] < BELOW]
     large = [c["ratio"] for c in done if c["T"] >= LARGE_T]
-    out = {"cells": len(done), f"below_{BELOW}x": len(below),
+    out = {"cells": len(done), "failed": len(cells) - len(done), f"below_{BELOW}x": len(below),
            "median_ratio": statistics.median(c["ratio"] for c in done),
            f"median_ratio_T_ge_{LARGE_T}": statistics.median(large) if large else None,
            "worst": sorted(done, key=lambda c: c["ratio"])[:8],
@@ -181,6 +181,8 @@ def table(results) -> str:
     s = results["summary"]
     lines = [f"device: {results['device']}; torch {results['torch']}, triton {results['triton']}, transformers "
              f"{results['transformers']}", f"command: `{results['command']}`", ""]
+    if s["failed"]:
+        lines.append(f"- {s['failed']} cells without a ratio (ours or every peer raised: the error is in the table)")
     if s["cells"]:
         lt = s[f"median_ratio_T_ge_{LARGE_T}"]
         lines += [f"- {s['cells']} cells ({len(results['shapes'])} shapes (d, f, E, k) x T in "
@@ -298,7 +300,7 @@ def main(argv=None):
 def run(args, argv):
     budget = Budget(args.budget_s)
     shapes = draw_shapes(args.shapes, args.seed, max_bytes=args.max_weight_gb * 1e9, **args.draw)
-    results = dict(header(args.device, argv), shapes=shapes, cells=[], summary={"cells": 0},
+    results = dict(header(args.device, argv), shapes=shapes, cells=[], summary={"cells": 0, "failed": 0},
                    settings={"seed": args.seed, "tokens": list(args.tokens), "max_weight_gb": args.max_weight_gb,
                              "tiny": args.tiny, "quick": args.quick, "budget_s": args.budget_s,
                              "fresh_caches": [] if args.keep_caches else args.fresh_cache_env, **args.draw})
