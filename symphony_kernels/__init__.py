@@ -9,6 +9,8 @@ _EXPORTS = {
     "RoutingPlan": "routing",
     "dispatch": "routing",
     "moe_experts": "experts",
+    "warmup": "_warmup",
+    "set_compile_mode": "_launch",
     "CorrelationAccumulator": "correlation",
     "linear_assignment": "matching",
 }
@@ -19,7 +21,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -2,8 +2,8 @@
 
 A configuration is (BM, BN, BK, GROUP_M, num_warps, num_stages, split) where split is the split-K factor of
 `_down_kernel` (decode and small classes, chosen from the shape so that enough programs stream the weights).
-The GPU entries were chosen by the sweep in `benchmarks/tune_moe.py`
-on an H100 (see benchmarks/NOTES-kernels.md); shapes not in the table get the rule-based defaults below.
+The tiles come from a rule (`rule`) on the kernel, the shape class and size thresholds, fitted to the
+winners of the sweep in `benchmarks/tune_moe.py` on an H100 (see benchmarks/NOTES-kernels.md).
 Under the Triton interpreter (CPU) every kernel runs on small tiles so that the tests stay fast.
 
 Kernels: "up" (N = f, K = d, two accumulators), "down" (N = d, K = f), "dinter" (N = f, K = d),
@@ -13,6 +13,7 @@ Shape classes: "decode" (see `decode_mode`: one program row per expert, pairs ta
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 DECODE_MAX_PAIRS = 64
@@ -29,43 +30,6 @@ class Config(NamedTuple):
     split: int = 1
 
 
-# (kernel, shape class, N, K) or (kernel, shape class) -> Config, from the GPU sweep; the exact key first.
-# Exact keys: the benchmark shapes (d, f) = (896, 4864), (1536, 8960), (4096, 14336), (2048, 768).
-TABLE: dict[tuple, Config] = {
-    # sweep 1 (H100, see benchmarks/NOTES-kernels.md); "up" and the backward kernels from sweep 2
-    ("down", "decode", 4096, 14336): Config(16, 64, 256, 1, 4, 3),
-    ("down", "small", 4096, 14336): Config(64, 128, 64, 8, 4, 4),
-    ("down", "large", 4096, 14336): Config(128, 256, 64, 8, 8, 3),
-    ("down", "decode", 896, 4864): Config(16, 128, 128, 1, 4, 3),
-    ("down", "small", 896, 4864): Config(64, 128, 64, 8, 4, 4),
-    ("down", "large", 896, 4864): Config(128, 256, 64, 8, 8, 3),
-    ("down", "decode", 1536, 8960): Config(16, 64, 128, 1, 4, 4),
-    ("down", "small", 1536, 8960): Config(128, 256, 64, 8, 8, 3),
-    ("down", "decode", 2048, 768): Config(16, 64, 256, 1, 4, 3),
-    ("down", "small", 2048, 768): Config(128, 128, 64, 8, 8, 3),
-    ("down", "large", 2048, 768): Config(128, 256, 64, 8, 8, 3),
-    ("up", "decode", 14336, 4096): Config(16, 64, 128, 1, 4, 4),
-    ("up", "small", 14336, 4096): Config(128, 128, 64, 8, 8, 3),
-    ("up", "large", 14336, 4096): Config(128, 128, 64, 8, 8, 3),
-    ("up", "decode", 4864, 896): Config(16, 32, 128, 1, 4, 4),
-    ("up", "small", 4864, 896): Config(64, 64, 64, 8, 4, 4),
-    ("up", "large", 4864, 896): Config(128, 128, 64, 8, 8, 3),
-    ("up", "decode", 8960, 1536): Config(16, 64, 128, 1, 4, 4),
-    ("up", "small", 8960, 1536): Config(128, 128, 64, 8, 8, 3),
-    ("up", "decode", 768, 2048): Config(16, 32, 256, 1, 4, 4),
-    ("up", "small", 768, 2048): Config(128, 128, 64, 8, 8, 3),
-    ("up", "large", 768, 2048): Config(128, 128, 64, 8, 8, 3),
-    ("dinter", "large"): Config(64, 128, 64, 8, 4, 4),
-    ("dinter", "small"): Config(64, 128, 64, 8, 4, 4),
-    ("dinter", "large", 4864, 896): Config(128, 64, 64, 8, 8, 4),
-    ("dx", "large"): Config(128, 256, 64, 8, 8, 3),
-    ("dx", "small"): Config(128, 128, 64, 8, 8, 3),
-    ("wgrad", "large"): Config(128, 128, 64, 8, 8, 3),
-    ("wgrad", "small", 768, 2048): Config(64, 128, 64, 8, 4, 4),
-    ("wgrad", "small"): Config(128, 128, 64, 8, 8, 3),
-    ("down", "large"): Config(128, 256, 64, 8, 8, 3),
-    ("up", "large"): Config(128, 128, 64, 8, 8, 3),
-}
 # Experiment hook for the sweep: (kernel) -> Config applied regardless of class.
 OVERRIDE: dict[str, Config] = {}
 
@@ -99,22 +63,20 @@ def decode_bm(S: int) -> int:
 SMEM_BYTES = 150 * 1024  # by this estimate; Triton adds buffers of its own (the sweep saw 147 KB pass, 164 KB fail)
 
 
+@functools.lru_cache(maxsize=8192)
 def pick(kernel: str, S: int, E: int, N: int, K: int, interpret: bool, sm_count: int = SM_COUNT_DEFAULT,
          elsize: int = 2) -> Config:
     """The configuration of `kernel` for S pairs, E experts, an [., K] @ [K, N] product per row tile, with
-    operands of `elsize` bytes (float32 tiles take twice the shared memory: fewer stages, then smaller BK)."""
+    operands of `elsize` bytes (float32 tiles take twice the shared memory: fewer stages, then smaller BK).
+    Cached: the same arguments give the same object without recomputing (the eager launch path)."""
     cls = shape_class(S, E)
     decode = cls == "decode"
     if interpret:
         cfg = Config(decode_bm(S) if decode else 32, 32, 32, 4, 4, 1)
     elif kernel in OVERRIDE:
         cfg = OVERRIDE[kernel]
-    elif (kernel, cls, N, K) in TABLE:
-        cfg = TABLE[(kernel, cls, N, K)]
-    elif (kernel, cls) in TABLE:
-        cfg = TABLE[(kernel, cls)]
     else:
-        cfg = _default(kernel, cls, S)
+        cfg = rule(kernel, cls, N, K)
     if decode and kernel != "wgrad":
         cfg = cfg._replace(BM=decode_bm(S))
     if not interpret:
@@ -123,6 +85,45 @@ def pick(kernel: str, S: int, E: int, N: int, K: int, interpret: bool, sm_count:
     if kernel in ("down", "dx") and cls != "large" and not interpret:
         split = _split_k(S, E, N, K, cfg, sm_count, decode)
     return cfg._replace(split=split)
+
+
+def rule(kernel: str, cls: str, N: int, K: int) -> Config:
+    """Tiles by kernel, shape class and size thresholds (N: output columns per row, K: the reduction). The
+    thresholds reproduce the H100 sweep's winners on the four benchmark shapes (benchmarks/NOTES-kernels.md:
+    (d, f) = (896, 4864), (1536, 8960), (4096, 14336), (2048, 768)) and carry them to every other size; no
+    entry is keyed on an exact shape. (Until issue 10 these winners were a table keyed on exact (N, K), and
+    every other shape took the class defaults.)"""
+    if cls == "decode":
+        if kernel == "wgrad":
+            return Config(64, 64, 32, 8, 4, 3)
+        if kernel == "up":      # N = f, K = d
+            return Config(16, 64 if N >= 8192 else 32, 256 if (K >= 2048 and N <= 1024) else 128, 1, 4, 4)
+        bn = 128 if N < 1024 else 64
+        bk = 256 if (K >= 12288 or K <= 1024) else 128
+        return Config(16, bn, bk, 1, 4, 3 if (bk == 256 or bn == 128) else 4)
+    if kernel == "up":
+        if cls == "small" and K < 1024:
+            return Config(64, 64, 64, 8, 4, 4)
+        return Config(128, 128, 64, 8, 8, 3)
+    if kernel == "down":
+        if cls == "large":
+            return Config(128, 256, 64, 8, 8, 3)
+        if 1024 < N <= 1536:
+            return Config(128, 256, 64, 8, 8, 3)
+        if K <= 1024:
+            return Config(128, 128, 64, 8, 8, 3)
+        return Config(64, 128, 64, 8, 4, 4)
+    if kernel == "dinter":
+        if cls == "large" and K < 1024:
+            return Config(128, 64, 64, 8, 8, 4)
+        return Config(64, 128, 64, 8, 4, 4)
+    if kernel == "dx":
+        return Config(128, 256 if cls == "large" else 128, 64, 8, 8, 3)
+    if kernel == "wgrad":
+        if cls == "small" and N <= 1024 and K >= 2048:
+            return Config(64, 128, 64, 8, 4, 4)
+        return Config(128, 128, 64, 8, 8, 3)
+    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 def _fit_smem(kernel: str, cfg: Config, elsize: int) -> Config:
@@ -136,19 +137,6 @@ def _fit_smem(kernel: str, cfg: Config, elsize: int) -> Config:
             cfg = cfg._replace(num_stages=max(2, min(cfg.num_stages - 1, SMEM_BYTES // per_stage)))
         else:
             cfg = cfg._replace(BK=cfg.BK // 2)
-
-
-def _default(kernel: str, cls: str, S: int) -> Config:
-    if cls == "decode":
-        if kernel == "wgrad":
-            return Config(64, 64, 32, 8, 4, 3)
-        return Config(16, 64, 128, 1, 4, 4)
-    bm = 64 if cls == "small" else 128
-    if kernel == "up":
-        return Config(bm, 64, 64, 8, 8 if bm == 128 else 4, 4)
-    if kernel == "wgrad":
-        return Config(128, 128, 64, 8, 8, 3)
-    return Config(bm, 128, 64, 8, 8 if bm == 128 else 4, 3)
 
 
 def _split_k(S: int, E: int, N: int, K: int, cfg: Config, sm_count: int, decode: bool) -> int:

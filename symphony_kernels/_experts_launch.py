@@ -1,28 +1,56 @@
-"""Launchers of the experts kernels (`_experts_fwd`, `_experts_bwd`): tile configurations, grids and output buffers.
-No checks here: `experts.moe_experts` checks its inputs; `ops` wraps these as custom ops and autograd Functions."""
+"""Launchers of the experts kernels (`_experts_fwd`, `_experts_bwd`): tile configurations, grids, output buffers.
+
+No checks here: `experts.moe_experts` checks its inputs; `ops` wraps these as custom ops and autograd Functions.
+Each `*_call` function collects the launches of one step into a `_launch.Call` (not yet run) and returns it
+with the output buffers, so that the caller can see whether every kernel variant is compiled before any
+runs; the plain functions (`experts_forward`, `experts_backward`) build and run at once. Inputs must have a
+unit inner stride (`experts.moe_experts` makes them so); sizes and strides go to the kernels in units of the
+largest power of two <= 16 that divides them all (`_al`, see `_experts_fwd`).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import _configs
+from ._launch import Call, Kernel
 from ._runtime import next_pow2
 
 _ACT_CODE = {"silu": 0, "gelu": 1}
+_KERNELS: dict[str, Kernel] = {}
+
+
+def _kernel(name: str) -> Kernel:
+    """The wrapped kernel `name` of _experts_fwd / _experts_bwd (imported at first use: importing the package
+    compiles nothing and does not import triton.language)."""
+    k = _KERNELS.get(name)
+    if k is None:
+        from . import _experts_bwd, _experts_fwd
+
+        k = _KERNELS[name] = Kernel(getattr(_experts_fwd, name, None) or getattr(_experts_bwd, name))
+    return k
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _meta(hidden, gate_up):
-    T, D = hidden.shape
-    E, F2, _ = gate_up.shape
-    return T, D, E, F2 // 2
+def _al(*values: int) -> int:
+    """The largest power of two <= 16 that divides every value (16 when all are 0)."""
+    g = 0
+    for v in values:
+        g = math.gcd(g, v)
+    return 16 if g == 0 else min(16, g & -g)
 
 
-def _launch_kw(cfg):
-    return dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+def _units(al: int, *values: int) -> tuple:
+    return tuple(v // al for v in values)
+
+
+def _meta(cfg, **constexprs) -> tuple:
+    return tuple(constexprs.items()) + (("BM", cfg.BM), ("BN", cfg.BN), ("BK", cfg.BK), ("GROUP_M", cfg.GROUP_M),
+                                        ("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages))
 
 
 def _num_m(decode, S, E, BM):
@@ -34,39 +62,12 @@ def _plan_ptrs(decode, ids, offsets, sorted_pairs):
     return (ids, ids) if decode else (offsets, sorted_pairs)
 
 
-def _down_gemm(a, w, sw_n, sw_k, weights, ids, offsets, sorted_pairs, S, E, N, KD, scale, kernel, ieee, decode):
-    """y [split, S, N] in pair order: (a[hrow] @ b[e]) (times w[pair] when `scale`)."""
-    from ._experts_fwd import _down_kernel
-
-    interp = a.device.type == "cpu"
-    cfg = _configs.pick(kernel, S, E, N, KD, interp, _sm_count(a.device), a.element_size())
-    k_split = _cdiv(_cdiv(KD, cfg.split), cfg.BK) * cfg.BK
-    split = _cdiv(KD, k_split)
-    y = torch.empty((split, S, N), dtype=torch.float32 if split > 1 else a.dtype, device=a.device)
-    num_m = _num_m(decode, S, E, cfg.BM)
-    off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
-    _down_kernel[(num_m * _cdiv(N, cfg.BN), split)](
-        a, a.stride(0), a.stride(1), w, w.stride(0), sw_n, sw_k, y, y.stride(0), y.stride(1), weights,
-        ids, off, srt, S, E, N, KD, k_split, num_m,
-        EP=next_pow2(E), DECODE=decode, SCALE=scale, IEEE=ieee, **_launch_kw(cfg))
-    return y
-
-
-def _combine(y, ids, T, N, E, k, dtype):
-    from ._experts_fwd import _combine_kernel
-
-    out = torch.empty((T, N), dtype=dtype, device=y.device)
-    BN = min(256, next_pow2(N))
-    BT = max(1, min(64, 2048 // BN))
-    _combine_kernel[(_cdiv(T, BT), _cdiv(N, BN))](y, y.stride(0), y.stride(1), out, out.stride(0), ids,
-                                                  T, N, E, y.shape[0], TOPK=k, BT=BT, BN=BN, num_warps=4)
-    return out
-
-
 _SM_COUNTS: dict = {}
 
 
 def _sm_count(device):
+    if device.type == "meta" and torch.cuda.is_available():  # warmup plans on meta tensors for the current GPU
+        device = torch.device("cuda")
     if device.type != "cuda":
         return _configs.SM_COUNT_DEFAULT
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -75,70 +76,114 @@ def _sm_count(device):
     return _SM_COUNTS[idx]
 
 
-def up_gemm(hidden, gate_up, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
-    """(inter [S, f] = w * act(gate) * up, gate_up pre-activations [S, 2f] or [0]): the first grouped GEMM."""
-    from ._experts_fwd import _up_kernel
+def _pick(kernel, S, E, N, K, t: torch.Tensor):
+    return _configs.pick(kernel, S, E, N, K, t.device.type == "cpu", _sm_count(t.device), t.element_size())
 
-    T, D, E, F = _meta(hidden, gate_up)
-    k = ids.shape[1]
+
+# ------------------------------------------------------------------------------------------------ forward
+def _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, save, decode):
+    T, D = hidden.shape
+    E, F2, _ = gate_up.shape
+    F, k = F2 // 2, ids.shape[1]
     S = T * k
     dev, dt = hidden.device, hidden.dtype
-    decode = _configs.decode_mode(S, E)
     inter = torch.empty((S, F), dtype=dt, device=dev)
     gu = torch.empty((S, 2 * F) if save else (0,), dtype=dt, device=dev)
-    cfg = _configs.pick("up", S, E, F, D, dev.type == "cpu", _sm_count(dev), hidden.element_size())
+    cfg = _pick("up", S, E, F, D, hidden)
     num_m = _num_m(decode, S, E, cfg.BM)
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
-    _up_kernel[(num_m * _cdiv(F, cfg.BN),)](
-        hidden, hidden.stride(0), hidden.stride(1), gate_up, *gate_up.stride(), inter, inter.stride(0),
-        gu, gu.stride(0) if save else 0, weights, ids, off, srt, S, E, F, D, num_m,
-        TOPK=k, EP=next_pow2(E), DECODE=decode, SAVE=save, ACT=_ACT_CODE[activation],
-        IEEE=dt == torch.float32, **_launch_kw(cfg))
+    sx, swe, swn, si, sg = hidden.stride(0), gate_up.stride(0), gate_up.stride(1), F, 2 * F if save else 0
+    al = _al(sx, swe, swn, si, sg, F, D)
+    sx, swe, swn, si, sg, uF, uD = _units(al, sx, swe, swn, si, sg, F, D)
+    call.add(_kernel("_up_kernel"), (num_m * _cdiv(F, cfg.BN),),
+             (hidden, sx, gate_up, swe, swn, inter, si, gu, sg, weights, ids, off, srt, S, E, uF, uD, num_m),
+             _meta(cfg, TOPK=k, EP=next_pow2(E), DECODE=decode, SAVE=save, ACT=_ACT_CODE[activation],
+                   IEEE=dt == torch.float32, AL=al))
     return inter, gu
 
 
-def experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
-    """(out [T, d], gate_up pre-activations [S, 2f] or [0], inter [S, f] or [0]) through the kernels.
-    `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
-    T, D, E, F = _meta(hidden, gate_up)
+def _down(call, a, w, kmajor, weights, ids, offsets, sorted_pairs, S, E, N, KD, kernel, decode):
+    """y [split, S, N] in pair order: a[hrow] @ b[e], b[k, n] = w[e, n, k] (kmajor) or w[e, k, n]."""
+    cfg = _pick(kernel, S, E, N, KD, a)
+    k_split = _cdiv(_cdiv(KD, cfg.split), cfg.BK) * cfg.BK
+    split = _cdiv(KD, k_split)
+    y = torch.empty((split, S, N), dtype=torch.float32 if split > 1 else a.dtype, device=a.device)
+    num_m = _num_m(decode, S, E, cfg.BM)
+    off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
+    sa, swe, swr, sys_, syr = a.stride(0), w.stride(0), w.stride(1), S * N, N
+    al = _al(sa, swe, swr, sys_, syr, N, KD, k_split)
+    sa, swe, swr, sys_, syr, uN, uKD, uks = _units(al, sa, swe, swr, sys_, syr, N, KD, k_split)
+    call.add(_kernel("_down_kernel"), (num_m * _cdiv(N, cfg.BN), split),
+             (a, sa, w, swe, swr, y, sys_, syr, weights, ids, off, srt, S, E, uN, uKD, uks, num_m),
+             _meta(cfg, EP=next_pow2(E), DECODE=decode, SCALE=False, IEEE=a.dtype == torch.float32,
+                   B_KMAJOR=kmajor, AL=al))
+    return y
+
+
+def _combine(call, y, ids, T, N, E, k, dtype):
+    out = torch.empty((T, N), dtype=dtype, device=y.device)
+    BN = min(256, next_pow2(N))
+    BT = max(1, min(64, 2048 // BN))
+    split, S = y.shape[0], y.shape[1]
+    al = _al(S * N, N)
+    call.add(_kernel("_combine_kernel"), (_cdiv(T, BT), _cdiv(N, BN)),
+             (y, S * N // al, N // al, out, N // al, ids, T, N // al, E, split),
+             (("TOPK", k), ("AL", al), ("BT", BT), ("BN", BN), ("num_warps", 4)))
+    return out
+
+
+def forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
+    """(call, out [T, d], gate_up pre-activations [S, 2f] or [0], inter [S, f] or [0]): the forward's launches,
+    not yet run. `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
+    T, D = hidden.shape
+    E, F2, _ = gate_up.shape
     k = ids.shape[1]
     S = T * k
     decode = _configs.decode_mode(S, E)
-    inter, gu = up_gemm(hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, save)
-    y = _down_gemm(inter, down, down.stride(1), down.stride(2), weights, ids, offsets, sorted_pairs,
-                   S, E, D, F, False, "down", hidden.dtype == torch.float32, decode)
-    out = _combine(y, ids, T, D, E, k, hidden.dtype)
-    return out, gu, (inter if save else inter.new_empty(0))
+    call = Call(hidden.device)
+    inter, gu = _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, save, decode)
+    y = _down(call, inter, down, True, weights, ids, offsets, sorted_pairs, S, E, D, F2 // 2, "down", decode)
+    out = _combine(call, y, ids, T, D, E, k, hidden.dtype)
+    return call, out, gu, (inter if save else inter.new_empty(0))
 
 
+def experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
+    """(out [T, d], gate_up pre-activations [S, 2f] or [0], inter [S, f] or [0]) through the kernels."""
+    call, out, gu, inter = forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
+    call.run()
+    return out, gu, inter
+
+
+# ----------------------------------------------------------------------------------------------- backward
 def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu, inter,
                      activation: str, need_hidden: bool, need_gate_up: bool, need_down: bool, need_weights: bool):
     """(d hidden, d gate_up, d down, d weights), each an empty tensor when not needed. `inter` is the saved
     weighted intermediate w * act(gate) * up, `gu` the saved pre-activations."""
-    from ._experts_bwd import _dinter_kernel
-
-    T, D, E, F = _meta(hidden, gate_up)
-    k = ids.shape[1]
+    T, D = hidden.shape
+    E, F2, _ = gate_up.shape
+    F, k = F2 // 2, ids.shape[1]
     S = T * k
     dev, dt = hidden.device, hidden.dtype
     decode = _configs.decode_mode(S, E)
-    ieee = dt == torch.float32
-    interp = dev.type == "cpu"
-    sms = _sm_count(dev)
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
     d_hidden, d_gate_up, d_down, d_weights = (hidden.new_empty(0) for _ in range(4))
-    grad_out = grad_out.to(dt)
+    grad_out = grad_out.to(dt).contiguous()
+    call = Call(dev)
 
     if need_hidden or need_gate_up or need_weights:
-        cfg = _configs.pick("dinter", S, E, F, D, interp, sms, hidden.element_size())
+        cfg = _pick("dinter", S, E, F, D, hidden)
         num_m = _num_m(decode, S, E, cfg.BM)
         num_n = _cdiv(F, cfg.BN)
         dgu = torch.empty((S, 2 * F), dtype=dt, device=dev)
         dwp = torch.empty((num_n, S), dtype=torch.float32, device=dev)
-        _dinter_kernel[(num_m * num_n,)](
-            grad_out, grad_out.stride(0), grad_out.stride(1), down, down.stride(0), down.stride(2), down.stride(1),
-            gu, gu.stride(0), dgu, dgu.stride(0), weights, dwp, ids, off, srt, S, E, F, D, num_m,
-            TOPK=k, EP=next_pow2(E), DECODE=decode, ACT=_ACT_CODE[activation], IEEE=ieee, **_launch_kw(cfg))
+        sg, swe, swr, sgu = grad_out.stride(0), down.stride(0), down.stride(1), gu.stride(0)
+        al = _al(sg, swe, swr, sgu, 2 * F, F, D)
+        sg, swe, swr, sgu, sdgu, uF, uD = _units(al, sg, swe, swr, sgu, 2 * F, F, D)
+        call.add(_kernel("_dinter_kernel"), (num_m * num_n,),
+                 (grad_out, sg, down, swe, swr, gu, sgu, dgu, sdgu, weights, dwp, ids, off, srt, S, E, uF, uD, num_m),
+                 _meta(cfg, TOPK=k, EP=next_pow2(E), DECODE=decode, ACT=_ACT_CODE[activation],
+                       IEEE=dt == torch.float32, AL=al))
+        call.run()
         if need_weights:
             flat_ids = ids.reshape(-1)
             if decode:
@@ -150,28 +195,48 @@ def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sor
                 dw = torch.zeros_like(vals).scatter_(0, sorted_pairs.long(), vals)
             d_weights = dw.view(T, k).to(weights.dtype)
         if need_hidden:
-            y = _down_gemm(dgu, gate_up, gate_up.stride(2), gate_up.stride(1), weights, ids, offsets, sorted_pairs,
-                           S, E, D, 2 * F, False, "dx", ieee, decode)
-            d_hidden = _combine(y, ids, T, D, E, k, dt)
+            y = _down(call, dgu, gate_up, False, weights, ids, offsets, sorted_pairs, S, E, D, 2 * F, "dx", decode)
+            d_hidden = _combine(call, y, ids, T, D, E, k, dt)
         if need_gate_up:
-            d_gate_up = _wgrad(dgu, False, hidden, True, False, weights, ids, offsets, sorted_pairs,
-                               S, E, 2 * F, D, gate_up.dtype, k, decode, ieee, interp, sms)
+            d_gate_up = _wgrad(call, dgu, False, hidden, True, weights, ids, offsets, sorted_pairs,
+                               S, E, 2 * F, D, gate_up.dtype, k, decode)
     if need_down:
-        d_down = _wgrad(grad_out, True, inter, False, False, weights, ids, offsets, sorted_pairs,
-                        S, E, D, F, down.dtype, k, decode, ieee, interp, sms)
+        d_down = _wgrad(call, grad_out, True, inter, False, weights, ids, offsets, sorted_pairs,
+                        S, E, D, F, down.dtype, k, decode)
+    call.run()
     return d_hidden, d_gate_up, d_down, d_weights
 
 
-def _wgrad(a, a_by_token, b, b_by_token, scale_a, weights, ids, offsets, sorted_pairs, S, E, M, N, out_dtype,
-           k, decode, ieee, interp, sms):
+def _wgrad(call, a, a_by_token, b, b_by_token, weights, ids, offsets, sorted_pairs, S, E, M, N, out_dtype, k,
+           decode):
     """dW [E, M, N] = per expert, sum over its rows of a[row]^T b[row]."""
-    from ._experts_bwd import _wgrad_kernel
-
-    cfg = _configs.pick("wgrad", S, E, N, M, interp, sms, a.element_size())
+    cfg = _pick("wgrad", S, E, N, M, a)
     out = torch.empty((E, M, N), dtype=out_dtype, device=a.device)
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
-    _wgrad_kernel[(_cdiv(M, cfg.BM) * _cdiv(N, cfg.BN), E)](
-        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), weights, out, *out.stride(),
-        ids, off, srt, S, E, M, N, TOPK=k, A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, SCALE_A=scale_a,
-        DECODE=decode, IEEE=ieee, **_launch_kw(cfg))
+    sa, sb, soe, som = a.stride(0), b.stride(0), out.stride(0), out.stride(1)
+    al = _al(sa, sb, soe, som, M, N)
+    sa, sb, soe, som, uM, uN = _units(al, sa, sb, soe, som, M, N)
+    call.add(_kernel("_wgrad_kernel"), (_cdiv(M, cfg.BM) * _cdiv(N, cfg.BN), E),
+             (a, sa, b, sb, weights, out, soe, som, ids, off, srt, S, E, uM, uN),
+             _meta(cfg, TOPK=k, A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, SCALE_A=False, DECODE=decode,
+                   IEEE=a.dtype == torch.float32, AL=al))
     return out
+
+
+def up_gemm(hidden, gate_up, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
+    """(inter, gate_up pre-activations): the first grouped GEMM alone (for the tuning sweep)."""
+    E = gate_up.shape[0]
+    call = Call(hidden.device)
+    out = _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, save,
+              _configs.decode_mode(ids.numel(), E))
+    call.run()
+    return out
+
+
+def down_gemm(a, w, weights, ids, offsets, sorted_pairs, S, E, N, KD, kernel="down"):
+    """y [split, S, N]: the second grouped GEMM alone (for the tuning sweep); w is read K-major."""
+    call = Call(a.device)
+    y = _down(call, a, w, True, weights, ids, offsets, sorted_pairs, S, E, N, KD, kernel,
+              _configs.decode_mode(S, E))
+    call.run()
+    return y

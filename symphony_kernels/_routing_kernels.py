@@ -10,6 +10,7 @@ The sort kernel runs `nprog` programs, each owning `G` consecutive count blocks;
 (all of them for the expert totals, the ones before its own for its starting cursor), then walks its blocks
 in order, CH blocks per step, and writes `sorted_pairs[offset[e] + cursor[e] + lrank] = pair`, moving the
 cursor by each block's counts. The result is deterministic and equal to a stable sort of the flattened ids.
+The token and block counts are `do_not_specialize`, so one compiled variant serves every T (see `_launch`).
 """
 import triton
 import triton.language as tl
@@ -36,7 +37,7 @@ def _rank_in_block(ids, rmask, cols, NE, KP: tl.constexpr, K: tl.constexpr):
     return lrank, tl.where(cols < NE, counts, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("T", "G"))
 def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
                   w_ptr, ids_ptr, lrank_ptr, bcount_ptr, gcount_ptr, G,
                   K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
@@ -88,7 +89,7 @@ def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
     tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * ne + cols, counts, mask=cols < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("T", "G"))
 def _count_kernel(ids_ptr, stride_t, stride_k, T, E, lrank_ptr, bcount_ptr, gcount_ptr, G,
                   K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
     """Counts and in-block ranks for given ids; ids outside [0, E) are dropped pairs (column E)."""
@@ -106,7 +107,7 @@ def _count_kernel(ids_ptr, stride_t, stride_k, T, E, lrank_ptr, bcount_ptr, gcou
     tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("T", "nb", "G", "nprog"))
 def _sort_kernel(ids_ptr, stride_t, stride_k, lrank_ptr, bcount_ptr, gcount_ptr, T, E, nb, G, nprog,
                  counts_ptr, offsets_ptr, sorted_ptr, scratch_ptr,
                  K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, RB: tl.constexpr,

@@ -11,8 +11,8 @@ import os
 
 import torch
 
-MAX_EXPERTS = 256
-MAX_TOP_K = 16
+MAX_EXPERTS = 1024
+MAX_TOP_K = 32
 # Pairs (T * k) are addressed with int32 ids (sorted_pairs, topk_ids); beyond that the plan cannot be built.
 MAX_PAIRS = 2**31 - 1
 

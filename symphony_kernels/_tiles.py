@@ -4,7 +4,7 @@ Two modes, chosen on the host from shapes alone (never from device data):
 
 - sorted (prefill): the pairs sorted by expert (`sorted_pairs`, `offsets` from the dispatch). Expert e owns
   ceil(count_e / BM) M tiles; programs are launched for the static upper bound ceil(S / BM) + E tiles and
-  each finds its expert from the offsets (a cumulative sum over at most 256 experts in registers); programs
+  each finds its expert from the offsets (a cumulative sum over at most 1024 experts in registers); programs
   past the last tile exit at once. A tile holds rows of one expert only, so no padding copies are made.
   Intermediate rows (`hrow`) are sorted positions.
 - decode (S = T*k <= BM): one program row per expert; it takes every pair whose id is e (a mask over all S

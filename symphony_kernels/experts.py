@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _configs, ops
+from . import _configs, _experts_launch, _fallback, _launch, _routing_launch, ops
+from .routing import check_plan
 from ._runtime import MAX_EXPERTS, MAX_PAIRS, MAX_TOP_K, use_triton
 from .reference import ACTIVATIONS, moe_experts_reference
 
@@ -84,30 +85,32 @@ def check_experts_args(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, 
         if t.device != hidden.device:
             raise ValueError(f"{name} is on device {t.device} but hidden is on device {hidden.device}")
     if plan is not None:
-        offsets, sorted_pairs = plan.expert_offsets, plan.sorted_pairs
-        if tuple(offsets.shape) != (E + 1,) or tuple(sorted_pairs.shape) != (T * k,):
-            raise ValueError(f"plan does not match: expert_offsets {tuple(offsets.shape)} should be ({E + 1},), "
-                             f"sorted_pairs {tuple(sorted_pairs.shape)} should be ({T * k},)")
-        for name, t in (("expert_offsets", offsets), ("sorted_pairs", sorted_pairs)):
-            if t.dtype != torch.int32 or t.device != hidden.device:
-                raise ValueError(f"plan.{name} must be int32 on {hidden.device}, got {t.dtype} on {t.device}")
-
+        check_plan(plan, topk_ids, E)
 
 
 # -------------------------------------------------------------------------------------------- public API
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy with a unit inner stride (what the kernels read; transformers' weights already are)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def moe_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: str = "silu",
                 plan=None) -> torch.Tensor:
     """[T, d] output of the routed experts (see the module docstring), in hidden's dtype.
 
     hidden [T, d]; gate_up_proj [E, 2f, d] and down_proj [E, d, f] in float32 or hidden's dtype;
-    topk_weights [T, k] float; topk_ids [T, k] integer; activation "silu" or "gelu"; `plan`: a
-    `RoutingPlan` (or anything with `expert_offsets` and `sorted_pairs`) of these ids, to skip the dispatch.
-    Differentiable in hidden, both weights and topk_weights. Non-contiguous inputs are accepted.
+    topk_weights [T, k] float; topk_ids [T, k] integer; activation "silu" or "gelu"; `plan`: the
+    `RoutingPlan` that `route` made for these very ids (its `topk_ids`), to skip the dispatch; any other plan
+    is refused. Differentiable in hidden, both weights and topk_weights. Non-contiguous inputs are accepted
+    (copied when their inner stride is not 1). In eager inference on CUDA a call whose kernels are still
+    compiling runs on torch's grouped GEMM meanwhile (see `_launch`).
     """
     check_experts_args(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activation, plan)
     T, k = topk_ids.shape
     E = gate_up_proj.shape[0]
+    if hidden.device.type == "meta":
+        return hidden.new_empty(hidden.shape)
     if hidden.dtype == torch.float64 or not use_triton(hidden.device):
         dt = hidden.dtype
         live = (topk_ids >= 0) & (topk_ids < E)  # dropped pairs: expert 0 with weight 0
@@ -118,14 +121,44 @@ def moe_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
         # Keep the result attached to every input so that backward gives (zero) gradients.
         zero = (gate_up_proj[:0].sum() + down_proj[:0].sum() + topk_weights[:0].sum()).to(hidden.dtype)
         return hidden[:0] * 1 + zero
+    hidden, gate_up, down = _unit_inner(hidden), _unit_inner(gate_up_proj), _unit_inner(down_proj)
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
-    if _configs.decode_mode(T * k, E):
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden, gate_up_proj, down_proj, topk_weights))
+    decode = _configs.decode_mode(T * k, E)
+    if not save and not torch.compiler.is_compiling():
+        return _inference(hidden, gate_up, down, weights, ids, activation, plan, decode)
+    if decode:
         offsets = sorted_pairs = ids  # unused by decode tiles
     elif plan is not None:
         offsets, sorted_pairs = plan.expert_offsets, plan.sorted_pairs
     else:
         _, offsets, sorted_pairs = ops.dispatch(ids, E)
-    save = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (hidden, gate_up_proj, down_proj, topk_weights))
-    return ops.moe_experts(hidden, gate_up_proj, down_proj, weights, ids, offsets, sorted_pairs, activation, save)
+    return ops.moe_experts(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
+
+
+def _inference(hidden, gate_up, down, weights, ids, activation, plan, decode):
+    """Eager, no gradient: the launches straight from here (no autograd Function, no custom op); while any of
+    them is still compiling, torch's grouped GEMM computes this call (`_fallback`) and the kernels compile in
+    the background (`_launch.may_defer`)."""
+    E = gate_up.shape[0]
+    dispatch = None
+    if decode:
+        offsets = sorted_pairs = ids
+    elif plan is not None:
+        offsets, sorted_pairs = plan.expert_offsets, plan.sorted_pairs
+    else:
+        dispatch, (_, offsets, sorted_pairs) = _routing_launch.dispatch_call(ids, E)
+    call, out, _, _ = _experts_launch.forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs,
+                                                   activation, False)
+    if hidden.is_cuda and not (call.ready() and (dispatch is None or dispatch.ready())) and _launch.may_defer(False) \
+            and _fallback.available(hidden, gate_up, down):
+        call.compile_in_background()
+        if dispatch is not None:
+            dispatch.compile_in_background()
+        return _fallback.moe_experts(hidden, gate_up, down, weights, ids, activation)
+    if dispatch is not None:
+        dispatch.run()
+    call.run()
+    return out

@@ -32,7 +32,8 @@ def route_op(router_logits: torch.Tensor, top_k: int, scoring: str,
 
 
 @route_op.register_fake
-def _(router_logits, top_k, scoring, renormalize):
+def route_shapes(router_logits, top_k, scoring="softmax", renormalize=True):
+    """Empty outputs of `route` with their shapes and dtypes (fake tensors, meta tensors)."""
     T, E = router_logits.shape
     acc = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     new = router_logits.new_empty
@@ -64,7 +65,8 @@ def dispatch_op(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
 
 
 @dispatch_op.register_fake
-def _(topk_ids, num_experts):
+def dispatch_shapes(topk_ids, num_experts):
+    """Empty outputs of `dispatch` with their shapes and dtypes (fake tensors, meta tensors)."""
     T, k = topk_ids.shape
     new = topk_ids.new_empty
     return (new((num_experts,), dtype=torch.int32), new((num_experts + 1,), dtype=torch.int32),

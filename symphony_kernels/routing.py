@@ -21,11 +21,13 @@ CPU tensors run the Triton kernels under TRITON_INTERPRET=1, otherwise the refer
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
 
 from . import ops
+from ._routing_launch import route_backward
 from ._runtime import MAX_EXPERTS, MAX_PAIRS, MAX_TOP_K, use_triton
 from .reference import SCORINGS, dispatch_reference, route_reference
 
@@ -92,6 +94,41 @@ def check_dispatch_args(topk_ids, num_experts):
         raise ValueError(f"tokens * top_k = {topk_ids.shape[0] * k} exceeds {MAX_PAIRS} (int32 pair ids)")
 
 
+# ------------------------------------------------------------------------------------------ plan checks
+# Every plan `route` or `dispatch` returns is remembered (weakly) with the ids it was made from, so that
+# `moe_experts(plan=...)` can refuse a plan of other ids (same shape, other experts: a wrong result) or one
+# made up by hand (out-of-range rows: out-of-bounds reads) with a host check, without reading device memory.
+_ISSUED: dict = {}  # id(sorted_pairs) -> (sorted_pairs, ids, offsets: weak references; ids._version at issue; E)
+
+
+def _issue(ids: torch.Tensor, offsets: torch.Tensor, sorted_pairs: torch.Tensor, num_experts: int):
+    if torch.compiler.is_compiling() or sorted_pairs.device.type == "meta":
+        return
+    key = id(sorted_pairs)
+    forget = lambda _, key=key: _ISSUED.pop(key, None)  # noqa: E731 - the entry goes with its tensor
+    _ISSUED[key] = (weakref.ref(sorted_pairs, forget), weakref.ref(ids), weakref.ref(offsets), ids._version,
+                    num_experts)
+
+
+def check_plan(plan, topk_ids: torch.Tensor, num_experts: int):
+    """ValueError unless `plan` was made by `route` or `dispatch` for these very `topk_ids` (the same tensor,
+    unmodified since) and `num_experts`."""
+    if torch.compiler.is_compiling():
+        return
+    sorted_pairs, offsets = getattr(plan, "sorted_pairs", None), getattr(plan, "expert_offsets", None)
+    entry = _ISSUED.get(id(sorted_pairs))
+    if entry is None or entry[0]() is not sorted_pairs or entry[2]() is not offsets:
+        raise ValueError("plan was not made by symphony_kernels.route or dispatch: pass the RoutingPlan that route "
+                         "returned (with its topk_ids), or plan=None")
+    _, ids, _, version, E = entry
+    src = ids()
+    same = src is not None and (src is topk_ids or (
+        src.data_ptr() == topk_ids.data_ptr() and src.shape == topk_ids.shape and src.stride() == topk_ids.stride()
+        and src.dtype == topk_ids.dtype))
+    if not same or src._version != version or E != num_experts:
+        raise ValueError("plan was made for other topk_ids (or they changed since, or another number of experts): "
+                         "pass the plan's own topk_ids, or plan=None")
+
 
 # -------------------------------------------------------------------------------------------- public API
 def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
@@ -99,13 +136,19 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
     """Route `router_logits` [T, E] to the top-k experts of every token and plan the dispatch.
 
     Returns a `RoutingPlan` (see its docstring); `topk_weights` carries the gradient to the logits.
-    E <= 256, 1 <= top_k <= min(E, 16). Non-contiguous logits are read through their strides.
+    E <= 1024, 1 <= top_k <= min(E, 32). Non-contiguous logits are read through their strides. Meta tensors
+    give a plan of meta tensors of the right shapes.
     """
     check_route_args(router_logits, top_k, scoring, renormalize)
-    if not use_triton(router_logits.device):
-        weights, ids = route_reference(router_logits, top_k, scoring, renormalize)
-        return RoutingPlan(weights, ids, *dispatch_reference(ids, router_logits.shape[1]))
-    return RoutingPlan(*ops.route(router_logits, top_k, scoring, renormalize))
+    if router_logits.device.type == "meta":
+        plan = RoutingPlan(*ops.route_shapes(router_logits, top_k))
+    elif not use_triton(router_logits.device):
+        weights, ids = _RouteReference.apply(router_logits, top_k, scoring, renormalize)
+        plan = RoutingPlan(weights, ids, *dispatch_reference(ids, router_logits.shape[1]))
+    else:
+        plan = RoutingPlan(*ops.route(router_logits, top_k, scoring, renormalize))
+    _issue(plan.topk_ids, plan.expert_offsets, plan.sorted_pairs, router_logits.shape[1])
+    return plan
 
 
 def dispatch(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,9 +156,32 @@ def dispatch(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     the pairs t*k+j sorted by expert, stably; ids outside [0, E) are dropped pairs placed last (see the
     module docstring). Not differentiable (integers only)."""
     check_dispatch_args(topk_ids, num_experts)
-    if not use_triton(topk_ids.device):
-        return _dispatch_reference_dropping(topk_ids, num_experts)
-    return ops.dispatch(topk_ids, num_experts)
+    if topk_ids.device.type == "meta":
+        out = ops.dispatch_shapes(topk_ids, num_experts)
+    elif not use_triton(topk_ids.device):
+        out = _dispatch_reference_dropping(topk_ids, num_experts)
+    else:
+        out = ops.dispatch(topk_ids, num_experts)
+    _issue(topk_ids, out[1], out[2], num_experts)
+    return out
+
+
+class _RouteReference(torch.autograd.Function):
+    """route_reference's values with the Triton path's gradient (`route_backward`: 0, not NaN, at +inf)."""
+
+    @staticmethod
+    def forward(ctx, router_logits, top_k, scoring, renormalize):
+        with torch.no_grad():
+            weights, ids = route_reference(router_logits, top_k, scoring, renormalize)
+        ctx.scoring, ctx.renormalize = scoring, renormalize
+        ctx.save_for_backward(router_logits, ids)
+        ctx.mark_non_differentiable(ids)
+        return weights, ids
+
+    @staticmethod
+    def backward(ctx, grad_weights, _):
+        router_logits, ids = ctx.saved_tensors
+        return route_backward(router_logits, ids, grad_weights, ctx.scoring, ctx.renormalize), None, None, None
 
 
 def _dispatch_reference_dropping(topk_ids, num_experts):

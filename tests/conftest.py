@@ -3,6 +3,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests compare calls bitwise: every call runs the kernels (tests/kernels/test_launch.py covers the background mode).
+os.environ.setdefault("SYMPHONY_COMPILE", "blocking")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

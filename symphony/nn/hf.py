@@ -46,14 +46,16 @@ def register() -> None:
 
 
 def experts_activation(module) -> str | None:
-    """"silu" or "gelu" for a module whose `act_fn` is SiLU or exact GELU, else None."""
+    """"silu" or "gelu" for a module whose `act_fn` is SiLU or exact GELU (a module such as nn.SiLU, or the
+    function F.silu / F.gelu, as Lfm2-MoE stores it), else None."""
     import torch.nn as nn
+    import torch.nn.functional as F
     from transformers.activations import GELUActivation, SiLUActivation
 
     act = getattr(module, "act_fn", None)
-    if type(act) in (nn.SiLU, SiLUActivation):
+    if type(act) in (nn.SiLU, SiLUActivation) or act is F.silu:
         return "silu"
-    if type(act) is GELUActivation or (type(act) is nn.GELU and act.approximate == "none"):
+    if type(act) is GELUActivation or (type(act) is nn.GELU and act.approximate == "none") or act is F.gelu:
         return "gelu"
     return None
 
@@ -73,7 +75,9 @@ def experts_problem(experts) -> str | None:
     if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         return f"{type(experts).__name__} has its own gating function (_apply_gate)"
     if experts_activation(experts) is None:
-        return f"activation {type(getattr(experts, 'act_fn', None)).__name__} is not SiLU or exact GELU"
+        act = getattr(experts, "act_fn", None)
+        name = getattr(act, "__name__", None) or type(act).__name__
+        return f"activation {name} is not SiLU or exact GELU"
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
         return "its experts do not hold 3-D gate_up_proj and down_proj weights"
@@ -81,6 +85,13 @@ def experts_problem(experts) -> str | None:
     if two_f % 2 or tuple(down.shape) != (E, d, two_f // 2):
         return (f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not [E, 2f, d] and "
                 "[E, d, f]")
+    from symphony_kernels._runtime import MAX_EXPERTS, MAX_TOP_K
+
+    if E > MAX_EXPERTS:
+        return f"it has {E} experts, more than the kernels' limit of {MAX_EXPERTS}"
+    top_k = getattr(getattr(experts, "config", None), "num_experts_per_tok", None)
+    if isinstance(top_k, int) and top_k > MAX_TOP_K:
+        return f"it routes each token to {top_k} experts, more than the kernels' limit of top-{MAX_TOP_K}"
     return None
 
 
@@ -89,18 +100,36 @@ def symphony_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     hidden_states [T, d], top_k_index [T, k] and top_k_weights [T, k]; returns [T, d] in hidden_states' dtype.
     Ids outside [0, E) (transformers' expert-parallel sentinel) contribute nothing. Under autocast the experts
     run in the autocast dtype; float32 expert weights are rounded to hidden_states' dtype by the kernels."""
-    problem = experts_problem(self)
+    problem, activation = _verdict(self)
+    if problem is None and top_k_index.shape[-1] > _max_top_k():
+        problem = f"it routes each token to {top_k_index.shape[-1]} experts, more than the kernels' limit"
     if problem is not None:
         return _eager_fallback(self, problem, hidden_states, top_k_index, top_k_weights)
-    import torch
-
     import symphony_kernels as sk
     from symphony.nn.cast import compute_dtype_cast
 
     x, (gate_up, down) = compute_dtype_cast(hidden_states, self.gate_up_proj, self.down_proj, strict=False)
-    out = sk.moe_experts(x, gate_up, down, top_k_weights, top_k_index.to(torch.int32),
-                         activation=experts_activation(self))
-    return out.to(hidden_states.dtype)
+    out = sk.moe_experts(x, gate_up, down, top_k_weights, top_k_index, activation=activation)
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def _verdict(module) -> tuple[str | None, str | None]:
+    """(experts_problem, experts_activation) of an experts module, computed once and kept on the module for as
+    long as its weights and activation are the same objects (a decode step calls this for every layer)."""
+    key = (module.__dict__.get("_parameters", {}).get("gate_up_proj"), module.__dict__.get("_parameters", {})
+           .get("down_proj"), getattr(module, "act_fn", None), getattr(module, "has_bias", None))
+    cached = module.__dict__.get("_symphony_verdict")
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    verdict = (experts_problem(module), experts_activation(module))
+    module.__dict__["_symphony_verdict"] = (key, verdict)
+    return verdict
+
+
+def _max_top_k() -> int:
+    from symphony_kernels._runtime import MAX_TOP_K
+
+    return MAX_TOP_K
 
 
 def _eager_fallback(module, problem, *args):

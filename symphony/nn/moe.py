@@ -15,6 +15,7 @@ parameters are cast, gradients flow back to them); otherwise x must have the par
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from torch import nn
 
 from symphony_kernels._runtime import MAX_EXPERTS, MAX_TOP_K
 from symphony.nn.cast import compute_dtype_cast
-from symphony_kernels.reference import ACTIVATIONS, SCORINGS, scores_reference
+from symphony_kernels.reference import (ACTIVATIONS, SCORINGS, moe_experts_reference, route_reference,
+                                        scores_reference)
 
 
 def _positive_int(name: str, value, *, zero_ok: bool = False) -> int:
@@ -75,10 +77,13 @@ class SymphonyMoE(nn.Module):
         self.num_experts = _positive_int("num_experts", num_experts)
         self.top_k = _positive_int("top_k", top_k)
         self.shared_expert_size = _positive_int("shared_expert_size", shared_expert_size, zero_ok=True)
-        if num_experts > MAX_EXPERTS:
-            raise ValueError(f"num_experts must be at most {MAX_EXPERTS} (the kernels' limit), not {num_experts}")
-        if top_k > min(num_experts, MAX_TOP_K):
-            raise ValueError(f"top_k must be at most min(num_experts={num_experts}, {MAX_TOP_K}), not {top_k}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k must be at most num_experts={num_experts}, not {top_k}")
+        self.on_kernels = num_experts <= MAX_EXPERTS and top_k <= MAX_TOP_K
+        if not self.on_kernels:
+            warnings.warn(f"SymphonyMoE: {num_experts} experts, top-{top_k} is beyond the kernels' limits "
+                          f"({MAX_EXPERTS} experts, top-{MAX_TOP_K}); this layer runs plain PyTorch (correct, slow)",
+                          stacklevel=2)
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
         if activation not in ACTIVATIONS:
@@ -141,9 +146,14 @@ class SymphonyMoE(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - j, 1.0 + j)
         xc, (gate_up, down) = compute_dtype_cast(x, self.gate_up_proj, self.down_proj)
         router_logits = self.router(x)
-        plan = sk.route(router_logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize)
-        out = sk.moe_experts(xc, gate_up, down, plan.topk_weights, plan.topk_ids, activation=self.activation,
-                             plan=plan).to(x.dtype)
+        if not self.on_kernels:
+            weights, ids = route_reference(router_logits, self.top_k, self.scoring, self.renormalize)
+            out = moe_experts_reference(xc, gate_up.to(xc.dtype), down.to(xc.dtype), weights, ids, self.activation)
+            out = out.to(x.dtype)
+        else:
+            plan = sk.route(router_logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize)
+            out = sk.moe_experts(xc, gate_up, down, plan.topk_weights, plan.topk_ids, activation=self.activation,
+                                 plan=plan).to(x.dtype)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         out = out.reshape(shape)

@@ -41,10 +41,10 @@ def _compare(T, d, f, E, k, dtype=torch.float32, act="silu", seed=0, ids=None, w
     leaves = [t.requires_grad_(grads) for t in leaves]
     args = prep(leaves + [ids.to(DEV)])
     kw = {}
-    if plan:  # a plan for these ids
+    if plan:  # a plan for these very ids
         from symphony_kernels.routing import dispatch
-        counts, offsets, sorted_pairs = dispatch(ids.to(DEV), E)
-        kw = {"plan": sk.RoutingPlan(None, None, counts, offsets, sorted_pairs)}
+        counts, offsets, sorted_pairs = dispatch(args[4], E)
+        kw = {"plan": sk.RoutingPlan(None, args[4], counts, offsets, sorted_pairs)}
     out = sk.moe_experts(*args, activation=act, **kw)
     assert out.dtype == dtype and out.shape == (T, d)
     # The reference runs in float64 on the very inputs the kernels see (rounded to dtype where they are).
@@ -78,7 +78,7 @@ def _dw_scale(ref_leaves, ids, upstream, act):
         t, j = torch.nonzero(e == ex, as_tuple=True)
         gu = x[t] @ gate_up[ex].t()
         h = ACTIVATIONS[act](gu[:, :f]) * gu[:, f:]
-        scale[t, j] = ((upstream[t] @ down[ex]).abs() * h.abs()).sum(-1)
+        scale[t, j] = ((upstream[t].abs() @ down[ex].abs()) * h.abs()).sum(-1)  # bounds the dot over d too
     return scale
 
 
@@ -87,9 +87,18 @@ def _dw_scale(ref_leaves, ids, upstream, act):
     (60, 24, 20, 4, 2, "silu"),      # decode path over few experts (E * next_pow2(T*k) <= 512)
     (40, 40, 24, 8, 2, "gelu"),      # sorted grouped-GEMM path
     (70, 33, 19, 8, 3, "silu"),      # odd d and f
+    (50, 24, 40, 6, 3, "silu"),      # d a multiple of 8, not of 16 (the AL = 8 path)
+    (30, 1, 3, 4, 2, "gelu"),        # d = 1
+    (12, 7, 1, 5, 3, "silu"),        # f = 1
 ])
 def test_experts_fp32(T, d, f, E, k, act):
     _compare(T, d, f, E, k, act=act, seed=T)
+
+
+@pytest.mark.parametrize("T,E,k,grads", [(1, 1024, 32, False), (4, 300, 20, False), (5, 40, 24, True)])
+def test_experts_many_experts_and_large_top_k(T, E, k, grads):
+    """Up to 1024 experts and top-32 (Qwen3-Next has 512 x top-10): the decode and the sorted paths."""
+    _compare(T, 16, 8, E, k, seed=E, grads=grads)
 
 
 def test_experts_fp16_with_fp32_weights():
@@ -181,13 +190,42 @@ def _bad(**over):
     (_bad(hidden=torch.randint(0, 2, (4, 8))), TypeError, "hidden must be"),
     (_bad(activation="relu"), ValueError, "activation"),
     (_bad(topk_ids=torch.zeros(4, 5, dtype=torch.int32), topk_weights=torch.zeros(4, 5)), ValueError, "top_k"),
-    (_bad(gate_up_proj=torch.randn(257, 12, 8), down_proj=torch.randn(257, 8, 6)), ValueError, "experts"),
+    (_bad(gate_up_proj=torch.randn(1025, 12, 8), down_proj=torch.randn(1025, 8, 6)), ValueError, "experts"),
     (_bad(hidden=torch.randn(4, 8, device="meta")), ValueError, "device"),
     (_bad(hidden="x"), TypeError, "Tensor"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_plan_of_other_ids_is_refused():
+    """A plan is tied to the ids it was made from: other ids of the same shape, ids changed since, or a plan
+    made up by hand (rows out of range) are refused before any kernel runs."""
+    x, gate_up, down, w, ids = (t.to(DEV) for t in _problem(40, 16, 16, 8, 2, 31))
+    plan = sk.route(torch.randn(40, 8, device=DEV), 2)
+    sk.moe_experts(x, gate_up, down, plan.topk_weights, plan.topk_ids, plan=plan)      # its own ids: fine
+    with pytest.raises(ValueError, match="other topk_ids"):
+        sk.moe_experts(x, gate_up, down, w, ids, plan=plan)
+    other = plan.topk_ids.clone()
+    with pytest.raises(ValueError, match="other topk_ids"):
+        sk.moe_experts(x, gate_up, down, plan.topk_weights, other, plan=plan)          # equal values, other tensor
+    plan.topk_ids[0, 0] = (plan.topk_ids[0, 0] + 1) % 8
+    with pytest.raises(ValueError, match="changed since"):
+        sk.moe_experts(x, gate_up, down, plan.topk_weights, plan.topk_ids, plan=plan)
+    forged = sk.RoutingPlan(w, ids, plan.expert_counts, plan.expert_offsets,
+                            torch.full((80,), 10**6, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="not made by"):
+        sk.moe_experts(x, gate_up, down, w, ids, plan=forged)
+
+
+def test_meta_tensors_give_shapes():
+    x = torch.empty(5, 16, device="meta")
+    plan = sk.route(torch.empty(5, 8, device="meta"), 2)
+    assert plan.topk_ids.shape == (5, 2) and plan.sorted_pairs.shape == (10,) and plan.expert_offsets.shape == (9,)
+    out = sk.moe_experts(x, torch.empty(8, 32, 16, device="meta"), torch.empty(8, 16, 16, device="meta"),
+                         plan.topk_weights, plan.topk_ids)
+    assert out.device.type == "meta" and out.shape == (5, 16)
 
 
 # ------------------------------------------------------------------------------------------------- GPU

@@ -27,7 +27,8 @@ def _check_plan(plan, logits, k, scoring="softmax", renormalize=True, tol=1e-5):
 
 @pytest.mark.parametrize("T,E,k,scoring,renormalize", [
     (37, 8, 2, "softmax", True), (64, 128, 8, "softmax", False), (20, 256, 16, "sigmoid", True),
-    (9, 4, 4, "softmax", True), (5, 1, 1, "softmax", True), (33, 6, 1, "sigmoid", False)])
+    (9, 4, 4, "softmax", True), (5, 1, 1, "softmax", True), (33, 6, 1, "sigmoid", False),
+    (21, 512, 10, "softmax", True), (18, 1024, 32, "sigmoid", False)])
 def test_route_matches_reference(T, E, k, scoring, renormalize):
     g = torch.Generator().manual_seed(T * 1000 + E)
     logits = torch.randn(T, E, generator=g).to(DEV)
@@ -134,8 +135,8 @@ def test_dispatch_repeated_and_dropped_ids():
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: sk.route(torch.randn(4, 8), 9), ValueError, "top_k"),
-    (lambda: sk.route(torch.randn(4, 300), 2), ValueError, "experts"),
-    (lambda: sk.route(torch.randn(4, 32), 17), ValueError, "top_k"),
+    (lambda: sk.route(torch.randn(4, 1025), 2), ValueError, "experts"),
+    (lambda: sk.route(torch.randn(4, 64), 33), ValueError, "top_k"),
     (lambda: sk.route(torch.randn(4, 8), 0), ValueError, "top_k"),
     (lambda: sk.route(torch.randn(4, 8, 2), 2), ValueError, "tokens, experts"),
     (lambda: sk.route(torch.randint(0, 3, (4, 8)), 2), TypeError, "float"),
@@ -143,8 +144,8 @@ def test_dispatch_repeated_and_dropped_ids():
     (lambda: sk.route(torch.randn(4, 8), 2, scoring="relu"), ValueError, "scoring"),
     (lambda: sk.route([[1.0]], 1), TypeError, "Tensor"),
     (lambda: dispatch(torch.zeros(4, 2), 8), TypeError, "integer"),
-    (lambda: dispatch(torch.zeros(4, 2, dtype=torch.long), 257), ValueError, "num_experts"),
-    (lambda: dispatch(torch.zeros(4, 17, dtype=torch.long), 32), ValueError, "top_k"),
+    (lambda: dispatch(torch.zeros(4, 2, dtype=torch.long), 1025), ValueError, "num_experts"),
+    (lambda: dispatch(torch.zeros(4, 33, dtype=torch.long), 64), ValueError, "top_k"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -198,3 +199,21 @@ def test_sort_in_chunks_of_blocks(monkeypatch, gather):
     flat = ids.reshape(-1)
     key = torch.where((flat >= 0) & (flat < 8), flat, torch.full_like(flat, 8))
     assert torch.equal(sorted_pairs.cpu().long(), torch.sort(key, stable=True).indices)
+
+
+def test_reference_route_gradient_at_inf_is_zero(monkeypatch):
+    """Without the kernels (CPU, no interpreter) route gives the kernels' gradient: 0 where the scores do not
+    depend on a logit (a +inf maximum), never NaN."""
+    from symphony_kernels import routing
+
+    monkeypatch.setattr(routing, "use_triton", lambda device: False)
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    logits[1, 2] = float("inf")
+    logits.requires_grad_()
+    plan = sk.route(logits, 2)
+    plan.topk_weights.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[1].abs().sum() == 0
+    kernel_logits = logits.detach().clone().requires_grad_()
+    monkeypatch.undo()
+    sk.route(kernel_logits.to(DEV), 2).topk_weights.sum().backward()
+    assert torch.allclose(logits.grad, kernel_logits.grad.cpu(), atol=1e-6)

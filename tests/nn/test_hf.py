@@ -159,6 +159,30 @@ def test_experts_problem_names_what_the_kernels_cannot_run(tiny):
     assert "gating function" in experts_problem(experts)
 
 
+def test_kernel_limits_and_function_activations(tmp_path):
+    """More than 1024 experts or top-32 is named as the limit (and patch refuses); an act_fn stored as the
+    function F.silu / F.gelu (Lfm2-MoE) is recognised."""
+    import torch.nn.functional as F
+
+    from symphony.nn.hf import experts_activation, experts_problem
+
+    model = load(save_tiny(tmp_path / "wide", "qwen3_moe", num_experts=1025, hidden_size=8, head_dim=4,
+                           moe_intermediate_size=4), "eager")
+    experts = model.model.layers[1].mlp.experts
+    assert "1025 experts, more than the kernels' limit of 1024" in experts_problem(experts)
+    with pytest.raises(ValueError, match="kernels' limit"):
+        symphony.patch(model)
+    experts = load(save_tiny(tmp_path / "deep", "qwen3_moe", num_experts=40, num_experts_per_tok=33), "eager") \
+        .model.layers[1].mlp.experts
+    assert "top-32" in experts_problem(experts)
+    del experts.act_fn  # a submodule here; Lfm2-MoE keeps a plain function
+    for fn, name in ((F.silu, "silu"), (F.gelu, "gelu")):
+        experts.act_fn = fn
+        assert experts_activation(experts) == name
+    experts.act_fn = torch.tanh
+    assert "tanh is not SiLU" in experts_problem(experts)
+
+
 def test_unsupported_experts_fall_back_to_eager_with_a_warning(tmp_path, kernel_calls, monkeypatch):
     import symphony.nn.hf
 

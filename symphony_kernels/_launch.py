@@ -1,0 +1,189 @@
+"""How the Triton kernels are launched: a cache of compiled variants with a short launch path, and compilation in
+the background for eager inference.
+
+Launch path. `Kernel(jit_fn)` wraps a @triton.jit function whose integer arguments are all
+`do_not_specialize` (the kernels' `DNS` lists), so a compiled variant depends only on the constexprs, the
+launch options (num_warps, num_stages), the dtypes of the pointer arguments, their 16-byte alignment, the
+integer width and the device. When every pointer is 16-byte aligned and every integer fits in int32,
+`Kernel.launch` keys its cache on (constexprs and options, pointer dtypes, device) and calls the compiled
+kernel's launcher directly: a few microseconds instead of Triton's full argument binding and specialisation per
+launch. Anything else (the interpreter, unaligned views, huge sizes, a launch hook set by a profiler) takes
+Triton's own `fn[grid](...)`, which is always correct.
+
+Background compilation. The first call of a variant compiles it: 0.5-3 s per kernel with ptxas, several
+kernels per shape class, so the first `generate()` of a process would stall for seconds. In eager inference
+(no gradient needed, no CUDA-graph capture under way) `Call.ready()` says whether every variant the call needs
+is compiled; if not, `Call.compile_in_background()` hands the missing ones to a worker thread (Triton's own
+`warmup`, on 16-byte dummy tensors of the same dtypes) and the caller computes this call another way (see
+`experts.moe_experts`); later calls take the kernels once they are ready. `set_compile_mode("blocking")` (or
+the environment variable SYMPHONY_COMPILE=blocking) compiles in the caller instead, as training and
+`torch.compile` always do; `symphony_kernels.warmup(...)` compiles a model's variants ahead of time.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+_MODES = ("background", "blocking")
+_mode = os.environ.get("SYMPHONY_COMPILE", "background")
+if _mode not in _MODES:
+    raise ValueError(f"SYMPHONY_COMPILE must be one of {', '.join(_MODES)}, not {_mode!r}")
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+INT32_MAX = 2**31 - 1
+
+
+def set_compile_mode(mode: str) -> str:
+    """"background" (the default: eager inference never waits for a compile) or "blocking" (every call runs
+    the kernels, compiling them first if needed). Returns the previous mode."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(_MODES)}, not {mode!r}")
+    previous, _mode = _mode, mode
+    return previous
+
+
+def compile_mode() -> str:
+    return _mode
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="symphony-compile")
+        return _executor
+
+
+class Kernel:
+    """A @triton.jit function with a cache of its compiled variants (see the module docstring). Its
+    constexpr parameters must come after all the others."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        params = list(getattr(fn, "params", []))
+        flags = [p.is_constexpr for p in params]
+        if flags and flags != sorted(flags):
+            raise TypeError(f"{fn}: constexpr parameters must come last")
+        self.constexpr_names = [p.name for p in params if p.is_constexpr]
+        self.variants: dict = {}   # key -> (CompiledKernel, constexpr values in parameter order)
+        self.pending: dict = {}    # key -> Future of a background compile
+
+    @staticmethod
+    def key(args: tuple, meta: tuple, device: int):
+        """The variant of a launch, or None when the short path does not apply (an unaligned pointer, an
+        integer beyond int32): then Triton's own launch specialises it."""
+        dtypes = []
+        for a in args:
+            if type(a) is int:
+                if not -INT32_MAX <= a <= INT32_MAX:
+                    return None
+            elif a.data_ptr() & 15:
+                return None
+            else:
+                dtypes.append(a.dtype)
+        return meta, tuple(dtypes), device
+
+    def launch(self, grid: tuple, args: tuple, meta: tuple, device: int):
+        """Launch on `grid` with positional `args` (every non-constexpr parameter) and `meta` (a tuple of
+        (name, value) pairs: the constexprs and num_warps / num_stages); `device` is the CUDA device index
+        (-1: not CUDA, Triton's own launch)."""
+        key = self.key(args, meta, device) if device >= 0 and _no_launch_hook() else None
+        if key is None:
+            self.fn[grid](*args, **dict(meta))
+            return
+        entry = self.variants.get(key)
+        if entry is None:
+            future = self.pending.get(key)
+            if future is not None:
+                future.result()  # being compiled in the background: wait for it
+                entry = self.variants.get(key)
+        if entry is None:
+            self._store(key, self.fn[grid](*args, **dict(meta)), meta)
+            return
+        compiled, tail = entry
+        g = grid + (1,) * (3 - len(grid))
+        compiled.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *tail)
+
+    def _store(self, key, compiled, meta):
+        if compiled is not None:
+            values = dict(meta)
+            self.variants[key] = (compiled, tuple(values[name] for name in self.constexpr_names))
+
+    def ready(self, args: tuple, meta: tuple, device: int) -> bool:
+        key = self.key(args, meta, device)
+        return key is None or key in self.variants
+
+    def compile_async(self, args: tuple, meta: tuple, device: int):
+        """Compile the variant of (args, meta) for CUDA device `device` in a worker thread, on dummy tensors of
+        the same dtypes (`args` may be meta tensors). Returns the Future of that compile, or None when the
+        variant is compiled already (or is not one the short path serves)."""
+        key = self.key(args, meta, device)
+        with _lock:
+            if key is None or key in self.variants:
+                return None
+            if key in self.pending:
+                return self.pending[key]
+            dev = torch.device("cuda", device)
+            dummies = tuple(torch.empty(16, dtype=a.dtype, device=dev) if isinstance(a, torch.Tensor) else a
+                            for a in args)
+            future = self.pending[key] = _pool().submit(self._compile, key, dummies, meta, device)
+            return future
+
+    def _compile(self, key, args, meta, device):
+        try:
+            with torch.cuda.device(device):
+                compiled = self.fn.warmup(*args, grid=(1,), **dict(meta))
+                compiled._init_handles()  # load the module here, not in the caller's first launch
+            self._store(key, compiled, meta)
+        finally:
+            with _lock:
+                self.pending.pop(key, None)
+
+
+class Call:
+    """The launches of one public call, collected before any of them runs, so that the caller can ask whether
+    they are all compiled (`ready`) and otherwise have them compiled in the background."""
+
+    __slots__ = ("device", "launches")
+
+    def __init__(self, device: torch.device):
+        self.device = device.index if device.type == "cuda" else -1
+        self.launches = []
+
+    def add(self, kernel: Kernel, grid: tuple, args: tuple, meta: tuple):
+        self.launches.append((kernel, grid, args, meta))
+
+    def run(self):
+        for kernel, grid, args, meta in self.launches:
+            kernel.launch(grid, args, meta, self.device)
+        self.launches = []
+
+    def ready(self) -> bool:
+        return self.device < 0 or all(k.ready(args, meta, self.device) for k, _, args, meta in self.launches)
+
+    def compile_in_background(self):
+        for kernel, _, args, meta in self.launches:
+            kernel.compile_async(args, meta, self.device)
+
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - no triton: no kernels
+    _knobs = None
+
+
+def _no_launch_hook() -> bool:
+    rt = _knobs.runtime
+    return rt.launch_enter_hook is None and rt.launch_exit_hook is None
+
+
+def may_defer(needs_grad: bool) -> bool:
+    """True when a call may run without its kernels while they compile: background mode, eager inference
+    (no gradient), no CUDA-graph capture under way, not inside torch.compile's tracing."""
+    return (_mode == "background" and not needs_grad and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
