@@ -3,6 +3,7 @@ command), wall-clock timing on CPU or CUDA, atomic JSON writes, a time budget, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -77,6 +78,25 @@ def median_ms(fn, device: str, quick: bool = False) -> float:
         return float(do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median"))
     fn()
     return 1e3 * statistics.median(wall(fn, device)[0] for _ in range(3))
+
+
+@contextlib.contextmanager
+def blocking_compiles():
+    """symphony_kernels compiles a missing kernel variant in the caller within this block. Its default for eager
+    inference compiles in the background and computes the call on torch's grouped GEMM meanwhile, which would
+    time that stand-in instead of the kernels."""
+    import symphony_kernels as sk
+
+    previous = sk.set_compile_mode("blocking")
+    try:
+        yield
+    finally:
+        sk.set_compile_mode(previous)
+
+
+def compile_mode_of_new_processes() -> str:
+    """The compile mode a new process starts in (symphony_kernels reads SYMPHONY_COMPILE at import)."""
+    return os.environ.get("SYMPHONY_COMPILE", "background")
 
 
 def write_json(path: Path, data) -> None:

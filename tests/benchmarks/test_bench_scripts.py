@@ -65,6 +65,7 @@ def test_generate_fresh_processes(tmp_path):
     for B, r in cold.items():
         assert r["impl"] == "symphony" and r["first_tok_s"] == pytest.approx(B * 3 / r["first_s"])
         assert r["cache_entries_at_start"] == {"TRITON_CACHE_DIR": 0, "TORCHINDUCTOR_CACHE_DIR": 0}
+        assert r["compile_mode"] == os.environ.get("SYMPHONY_COMPILE", "background")
         assert 0 < r["started_s"] <= r["imported_s"] < r["process_s"]
     [compiled] = data["compiled"]
     assert compiled["compiled"] and compiled["fullgraph"] and "fullgraph_error" not in compiled, compiled
