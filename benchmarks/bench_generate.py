@@ -29,9 +29,16 @@ the fresh processes below rebuild it from the same seed):
    compiled generate at each of --compile-batch-sizes (the second B recompiles in the same process), then warm
    tok/s (median of up to --reps calls). This is transformers' own static-cache path: every generate() call
    makes a new StaticCache (sized to the longest seen), the prefill runs uncompiled, the decode steps compiled.
+Compile modes: symphony_kernels by default serves an eager call whose kernels are still compiling with torch's
+grouped GEMM while they compile in the background. Phases 1 and 2 (and the warm timing of phase 4) run with
+blocking compiles, so that they time the kernels; the first calls of phases 3 and 4 run in the mode a new
+process starts in (SYMPHONY_COMPILE, default "background": what a user gets), recorded as `compile_mode`.
 Also checked: the first experts layer's output under each implementation against grouped_mm's on the same input.
 Ratios ("x grouped_mm") are speed ratios against grouped_mm timed in the same run: > 1 means faster.
-A run stops starting new work when --budget-s is spent (what is left is listed as skipped). Writes
+Time: each model gets an equal share of --budget-s (of what is left when it starts); its warm and prefill cells
+leave the expected time of its fresh processes (FRESH_S) to them, a fresh process starts only when its expected
+time is left and is killed when the share is spent (the rows it wrote are kept); nothing new starts once the
+budget is spent (what is left is listed as skipped). Writes
 DIR/bench_generate.json (after every phase), DIR/bench_generate.png and DIR/bench_generate.md; prints the table
 last.
 """
@@ -54,8 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import generate_models as gm  # noqa: E402
 from benchmarks import generate_report as report  # noqa: E402
-from benchmarks.run_info import (FRESH_CACHE_ENV, Budget, base_parser, fresh_cache_env, header, log,  # noqa: E402
-                                 write_json)
+from benchmarks.run_info import (FRESH_CACHE_ENV, Budget, base_parser, blocking_compiles,  # noqa: E402
+                                 compile_mode_of_new_processes, fresh_cache_env, header, log, write_json)
 
 PROFILES = {  # defaults per profile; command-line options override them
     "default": dict(models=["qwen3-moe"], impls=list(gm.IMPLS), batch_sizes=[1, 4, 16, 64, 256], new_tokens=32,
@@ -70,8 +77,9 @@ PROFILES = {  # defaults per profile; command-line options override them
                  reps=1, cell_budget_s=20.0, prefill_tokens=24, prefill_reps=1, cold_impls=["symphony"],
                  cold_batch_sizes=[1, 2], compile_impls=["symphony"], compile_batch_sizes=[1], budget_s=600.0),
 }
-WORKER_MIN_S = {"cold": 20.0, "compiled": 40.0}  # don't start a fresh process with less budget than this
-IN_PROCESS_SHARE = 0.4  # of each model's budget slot: warm and prefill cells start only within it
+# Expected seconds of one fresh process (start, imports, build, its generate calls; compiled: two compilations):
+# the in-process cells leave this much of a model's budget to them, and one starts only with this much left.
+FRESH_S = {"cold": 25.0, "compiled": 55.0}
 
 
 def parse_args(argv):
@@ -167,7 +175,7 @@ def timed_tokens(model, ids, args, budget_s, cc=None) -> dict:
     return row
 
 
-def warm_cell(model, spec, impl, B, args, budget) -> dict:
+def warm_cell(model, spec, impl, B, args, budget, reserve=0.0) -> dict:
     row = {"model": spec["name"], "impl": impl, "B": B, "prompt_tokens": args.prompt_tokens}
     copy = weight_copy_bytes(impl, spec, B, args.prompt_tokens, args.device)
     if copy > args.batched_mm_max_gb * 1e9:
@@ -175,7 +183,7 @@ def warm_cell(model, spec, impl, B, args, budget) -> dict:
                           f"{' decode' if impl == 'grouped_mm' else ''}; limit --batched-mm-max-gb "
                           f"{args.batched_mm_max_gb:g})")
         return row
-    if not budget.allows(2 * args.cell_budget_s, IN_PROCESS_SHARE):
+    if not budget.allows(2 * args.cell_budget_s, reserve):
         row["skipped"] = "run budget spent"
         return row
     ids = gm.prompt_ids(spec["vocab"], B, args.prompt_tokens, args.device, seed=B)
@@ -190,13 +198,13 @@ def warm_cell(model, spec, impl, B, args, budget) -> dict:
     return row
 
 
-def prefill_cell(model, spec, impl, args, budget) -> dict:
+def prefill_cell(model, spec, impl, args, budget, reserve=0.0) -> dict:
     row = {"model": spec["name"], "impl": impl, "tokens": args.prefill_tokens}
     copy = weight_copy_bytes("batched_mm", spec, 1, args.prefill_tokens, args.device) if impl == "batched_mm" else 0
     if copy > args.batched_mm_max_gb * 1e9:
         row["skipped"] = f"batched_mm would copy {copy / 1e9:.0f} GB of expert weights per layer"
         return row
-    if not budget.allows(args.cell_budget_s, IN_PROCESS_SHARE):
+    if not budget.allows(args.cell_budget_s, reserve):
         row["skipped"] = "run budget spent"
         return row
     ids = gm.prompt_ids(spec["vocab"], 1, args.prefill_tokens, args.device, seed=7)
@@ -212,8 +220,9 @@ def prefill_cell(model, spec, impl, args, budget) -> dict:
     return row
 
 
-def run_in_process(name, args, budget, results):
-    """Warm generate, prefill and an output check for every implementation on one model."""
+def run_in_process(name, args, budget, results, reserve):
+    """Warm generate, prefill and an output check for every implementation on one model, leaving `reserve`
+    seconds of the budget to what follows."""
     spec = dict(gm.spec_of(name, args.tiny), name=name)
     impls = sorted(args.impls, key=lambda i: i != gm.BASELINE)  # the baseline first: the output check needs it
     t0 = time.perf_counter()
@@ -241,8 +250,8 @@ def run_in_process(name, args, budget, results):
             check["error"] = error_text(e)
         results["check"].append(check)
         for B in args.batch_sizes:
-            results["warm"].append(warm_cell(model, spec, impl, B, args, budget))
-        results["prefill"].append(prefill_cell(model, spec, impl, args, budget))
+            results["warm"].append(warm_cell(model, spec, impl, B, args, budget, reserve))
+        results["prefill"].append(prefill_cell(model, spec, impl, args, budget, reserve))
     del model, reference
     free_memory(args.device)
 
@@ -251,7 +260,7 @@ def run_in_process(name, args, budget, results):
 def run_fresh(kind, name, impl, args, budget, tmp_root) -> list[dict]:
     """Rows of a fresh-process measurement ("cold" or "compiled"), or one row naming why there are none."""
     base = {"model": name, "impl": impl}
-    if not budget.allows(WORKER_MIN_S[kind] if not args.tiny else 1.0):
+    if not budget.allows(FRESH_S[kind] if not args.tiny else 1.0):
         return [dict(base, skipped="run budget spent")]
     spec_path = Path(tempfile.mkdtemp(prefix="worker-", dir=tmp_root)) / "spec.json"
     out_path = spec_path.with_name("out.json")
@@ -301,7 +310,8 @@ def worker(spec_path: Path) -> None:
     t0 = time.perf_counter()
     model = gm.build_model(mspec, spec["impl"], s.device, getattr(torch, s.dtype), s.seed, spec["max_positions"])
     process = {"started_s": started, "imported_s": imported, "build_s": time.perf_counter() - t0,
-               "cache_entries_at_start": spec["cache_entries_at_start"]}
+               "cache_entries_at_start": spec["cache_entries_at_start"],
+               "compile_mode": compile_mode_of_new_processes()}
     rows = []
     cc = gm.compile_config(s.device, s.fullgraph) if spec["kind"] == "compiled" else None
     for B in spec["batch_sizes"]:
@@ -325,7 +335,8 @@ def worker(spec_path: Path) -> None:
             row["first_tok_s"] = B * s.new_tokens / row["first_s"]
             if cc is not None:
                 row.update(fullgraph=cc.fullgraph, compiled="_compiled_call" in model.__dict__)
-                row.update(timed_tokens(model, ids, s, s.cell_budget_s, cc))
+                with blocking_compiles():  # the uncompiled prefill's kernels too, before timing
+                    row.update(timed_tokens(model, ids, s, s.cell_budget_s, cc))
         except Exception as e:  # noqa: BLE001
             row["error"] = error_text(e)
         rows.append(row)
@@ -354,7 +365,9 @@ def main(argv=None):
             gm.spec_of(name, args.tiny)  # unknown names fail before any work
         for i, name in enumerate(args.models):
             slot = Budget(budget.left() / (len(args.models) - i))  # this model's share of what is left
-            run_in_process(name, args, slot, results)
+            fresh = sum(FRESH_S["cold"] for _ in args.cold_impls) + sum(FRESH_S["compiled"] for _ in args.compile_impls)
+            with blocking_compiles():  # time the kernels, not the stand-in that serves calls while they compile
+                run_in_process(name, args, slot, results, reserve=min(0.6 * slot.seconds, fresh))
             write_json(out_json, results)
             for impl in args.cold_impls:
                 results["cold"] += run_fresh("cold", name, impl, args, slot, tmp_root)

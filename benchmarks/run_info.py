@@ -3,6 +3,7 @@ command), wall-clock timing on CPU or CUDA, atomic JSON writes, a time budget, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -79,6 +80,25 @@ def median_ms(fn, device: str, quick: bool = False) -> float:
     return 1e3 * statistics.median(wall(fn, device)[0] for _ in range(3))
 
 
+@contextlib.contextmanager
+def blocking_compiles():
+    """symphony_kernels compiles a missing kernel variant in the caller within this block. Its default for eager
+    inference compiles in the background and computes the call on torch's grouped GEMM meanwhile, which would
+    time that stand-in instead of the kernels."""
+    import symphony_kernels as sk
+
+    previous = sk.set_compile_mode("blocking")
+    try:
+        yield
+    finally:
+        sk.set_compile_mode(previous)
+
+
+def compile_mode_of_new_processes() -> str:
+    """The compile mode a new process starts in (symphony_kernels reads SYMPHONY_COMPILE at import)."""
+    return os.environ.get("SYMPHONY_COMPILE", "background")
+
+
 def write_json(path: Path, data) -> None:
     """Write JSON through a temporary file and a rename, so that a kill never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -99,9 +119,9 @@ class Budget:
     def left(self) -> float:
         return self.seconds - self.elapsed()
 
-    def allows(self, seconds: float, share: float = 1.0) -> bool:
-        """Whether `seconds` more fit in the first `share` of the budget."""
-        return self.elapsed() + seconds <= self.seconds * share
+    def allows(self, seconds: float, reserve: float = 0.0) -> bool:
+        """Whether `seconds` more fit and still leave `reserve` seconds."""
+        return self.elapsed() + seconds + reserve <= self.seconds
 
 
 def fresh_cache_env(names, root: str) -> dict:

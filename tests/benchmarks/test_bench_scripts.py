@@ -65,6 +65,7 @@ def test_generate_fresh_processes(tmp_path):
     for B, r in cold.items():
         assert r["impl"] == "symphony" and r["first_tok_s"] == pytest.approx(B * 3 / r["first_s"])
         assert r["cache_entries_at_start"] == {"TRITON_CACHE_DIR": 0, "TORCHINDUCTOR_CACHE_DIR": 0}
+        assert r["compile_mode"] == os.environ.get("SYMPHONY_COMPILE", "background")
         assert 0 < r["started_s"] <= r["imported_s"] < r["process_s"]
     [compiled] = data["compiled"]
     assert compiled["compiled"] and compiled["fullgraph"] and "fullgraph_error" not in compiled, compiled
@@ -106,7 +107,7 @@ def test_generate_cell_cap_skips_and_budget(tmp_path):
     cuda_args.device = "cuda"
     row = bg.warm_cell(None, mixtral, "grouped_mm", 256, cuda_args, Budget(1e9))
     assert row["skipped"].startswith("would copy 180 GB of expert weights per layer (batched_mm decode")
-    row = bg.warm_cell(None, mixtral, "symphony", 1, cuda_args, Budget(0))
+    row = bg.warm_cell(None, mixtral, "symphony", 1, cuda_args, Budget(100), reserve=95)  # left for fresh processes
     assert row["skipped"] == "run budget spent"
     assert bg.run_fresh("cold", "mixtral", "symphony", cuda_args, Budget(0), str(tmp_path)) == [
         {"model": "mixtral", "impl": "symphony", "skipped": "run budget spent"}]
@@ -183,7 +184,7 @@ def test_sweep_tiny(tmp_path):
         assert c["peer"] == "grouped_mm" and c["ratio"] == pytest.approx(c["peer_ms"] / c["ours_ms"])
         assert c["rel_err"] < 1e-4 and c["first_ms_ours"] > 0 and c["aligned16"] == (c["d"] % 16 == c["f"] % 16 == 0)
     s = data["summary"]
-    assert s["cells"] == 4 and s["below_0.9x"] == sum(c["ratio"] < 0.9 for c in data["cells"])
+    assert s["cells"] == 4 and s["failed"] == 0 and s["below_0.9x"] == sum(c["ratio"] < 0.9 for c in data["cells"])
     assert s["median_ratio"] == pytest.approx(statistics.median(c["ratio"] for c in data["cells"]))
     assert s["median_ratio_T_ge_4096"] is None and s["cells_aligned16"] + s["cells_not_aligned16"] == 4
     assert "below 0.9x" in (tmp_path / "sweep_shapes.md").read_text()
@@ -205,3 +206,17 @@ def test_sweep_peer_falls_back_when_grouped_mm_refuses(monkeypatch, tmp_path):
     assert row["peer"] == "batched_mm" and "refuses" in row["grouped_mm_error"] and row["rel_err"] < 1e-4
     assert not row["aligned16"] and row["ratio"] == pytest.approx(row["peer_ms"] / row["ours_ms"])
     assert ss.peer_candidates(16384, 8192, 8192, 10) == ["grouped_mm", "eager"]
+
+
+def test_sweep_records_cells_that_fail(monkeypatch, tmp_path):
+    import symphony_kernels
+
+    def refuse(*a, **kw):
+        raise ValueError("the number of experts must be in [1, 256], got 300")
+
+    monkeypatch.setattr(symphony_kernels, "moe_experts", refuse)
+    data = ss.main(TINY + ["--out", str(tmp_path), "--shapes", "1", "--tokens", "1", "3"])
+    message = "ValueError: the number of experts must be in [1, 256], got 300"
+    assert [c["ours_error"] for c in data["cells"]] == [message] * 2
+    assert data["summary"] == {"cells": 0, "failed": 2}
+    assert "2 cells without a ratio" in (tmp_path / "sweep_shapes.md").read_text()
