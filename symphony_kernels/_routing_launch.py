@@ -93,6 +93,8 @@ def route_call(router_logits: torch.Tensor, top_k: int, scoring: str, renormaliz
     bcount = torch.empty((nb, E + 1), dtype=torch.int32, device=dev)
     nprog, G = _sort_grid(nb)
     gcount = torch.zeros((nprog, E + 1), dtype=torch.int32, device=dev)
+    call.buffers.update(weights=weights, ids=ids, counts=counts, offsets=offsets, sorted_pairs=sorted_pairs,
+                        lrank=lrank, bcount=bcount, gcount=gcount)
     call.add(_kernel("_route_kernel"), (nb,),
              (router_logits, router_logits.stride(0), router_logits.stride(1), T, E, weights, ids, lrank, bcount,
               gcount, G),

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import ops
+from . import _launch, _routing_launch, ops
 from ._routing_launch import route_backward
 from ._runtime import MAX_EXPERTS, MAX_PAIRS, MAX_TOP_K, use_triton
 from .reference import SCORINGS, dispatch_reference, route_reference
@@ -139,12 +139,26 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
     E <= 1024, 1 <= top_k <= min(E, 32). Non-contiguous logits are read through their strides. Meta tensors
     give a plan of meta tensors of the right shapes.
     """
+    sig = _signature(router_logits, top_k, scoring, renormalize)
+    if sig is not None:  # eager inference on CUDA: replay an earlier call's launches, or record this one's
+        replay = _REPLAYS.get(sig)
+        if replay is not None and router_logits.data_ptr() % 16 == 0 and _launch._no_launch_hook():
+            plan = RoutingPlan(*_replay(replay, router_logits))
+            _issue(plan.topk_ids, plan.expert_offsets, plan.sorted_pairs, router_logits.shape[1])
+            return plan
     check_route_args(router_logits, top_k, scoring, renormalize)
     if router_logits.device.type == "meta":
         plan = RoutingPlan(*ops.route_shapes(router_logits, top_k))
     elif not use_triton(router_logits.device):
         weights, ids = _RouteReference.apply(router_logits, top_k, scoring, renormalize)
         plan = RoutingPlan(weights, ids, *dispatch_reference(ids, router_logits.shape[1]))
+    elif sig is not None:
+        call, outs = _routing_launch.route_call(router_logits, top_k, scoring, renormalize)
+        launches = list(call.launches)
+        call.run()
+        plan = RoutingPlan(*outs)
+        if sig not in _REPLAYS and router_logits.shape[0]:
+            _remember(sig, call, launches, router_logits)
     else:
         plan = RoutingPlan(*ops.route(router_logits, top_k, scoring, renormalize))
     _issue(plan.topk_ids, plan.expert_offsets, plan.sorted_pairs, router_logits.shape[1])
@@ -164,6 +178,44 @@ def dispatch(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
         out = ops.dispatch(topk_ids, num_experts)
     _issue(topk_ids, out[1], out[2], num_experts)
     return out
+
+
+# Replays of earlier eager inference calls of `route` (see `_launch.Replay`), by `_signature`.
+_REPLAYS: dict = {}
+_MAX_REPLAYS = 256
+_PLAN_NAMES = ("weights", "ids", "counts", "offsets", "sorted_pairs")
+
+
+def _signature(router_logits, top_k, scoring, renormalize):
+    """What decides route's launches besides the data, for an eager call on CUDA that needs no gradient
+    (None otherwise, or for anything that is not a tensor)."""
+    try:
+        if not router_logits.is_cuda or (router_logits.requires_grad and torch.is_grad_enabled()) \
+                or torch.compiler.is_compiling() or type(top_k) is not int:
+            return None
+        return (router_logits.shape, router_logits.stride(), router_logits.dtype, router_logits.device, top_k,
+                scoring, renormalize)
+    except AttributeError:
+        return None
+
+
+def _remember(sig, call, launches, router_logits):
+    both = _launch.Call(router_logits.device)
+    both.launches = launches
+    fresh = [(name, tuple(t.shape), t.dtype, name == "gcount") for name, t in call.buffers.items()]
+    replay = _launch.Replay.record(both, {"logits": router_logits, **call.buffers}, fresh)
+    if replay is not None:
+        if len(_REPLAYS) >= _MAX_REPLAYS:
+            _REPLAYS.pop(next(iter(_REPLAYS)))
+        _REPLAYS[sig] = replay
+
+
+def _replay(replay, router_logits):
+    tensors = {"logits": router_logits}
+    for name, shape, dtype, zeroed in replay.fresh:
+        tensors[name] = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=router_logits.device)
+    replay.run(tensors)
+    return tuple(tensors[name] for name in _PLAN_NAMES)
 
 
 class _RouteReference(torch.autograd.Function):

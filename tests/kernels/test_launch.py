@@ -169,3 +169,25 @@ def test_bf16_on_the_cpu_takes_the_reference():
     out = sk.moe_experts(x, gate_up, down, w, ids)
     ref = moe_experts_reference(*(t.double() for t in (x, gate_up, down, w)), ids)
     assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_route_replay_equals_the_first_call():
+    from symphony_kernels import routing
+
+    logits = torch.randn(37, 64, device="cuda")
+    with torch.no_grad():
+        first = sk.route(logits, 6)
+        assert any(key[0] == logits.shape for key in routing._REPLAYS)
+        again = sk.route(logits, 6)
+        other_logits = torch.randn_like(logits)
+        other = sk.route(other_logits, 6)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    w_ref, ids_ref = sk.reference.route_reference(other_logits.double().cpu(), 6)
+    assert torch.equal(other.topk_ids.cpu(), ids_ref) and torch.allclose(other.topk_weights.cpu().double(), w_ref,
+                                                                           atol=1e-5)
+    x = torch.randn(37, 32, device="cuda", dtype=torch.bfloat16)
+    gu = torch.randn(64, 48, 32, device="cuda", dtype=torch.bfloat16)
+    dn = torch.randn(64, 32, 24, device="cuda", dtype=torch.bfloat16)
+    sk.moe_experts(x, gu, dn, other.topk_weights, other.topk_ids, plan=other)  # a replayed plan is a valid plan
