@@ -194,6 +194,10 @@ def output_lock(out_dir: Path, force: bool = False):
             os.close(fd)
             raise SymphonyError(f"output {out_dir} is being written by another process (pid {owner}); wait for it "
                                 "to finish or choose another output") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): go on, and say so
+            warn(f"cannot lock {path} ({e.strerror}): a second write of {out_dir} at the same time would not "
+                 "be noticed")
+            break
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # else the holder removed the file between our open and flock: take the new one

@@ -85,3 +85,14 @@ def test_an_output_that_is_a_symlink_is_replaced_as_a_link(tmp_path):
         outputs.publish(tmp, tmp_path / "out")
     assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "config.json").read_text() == '{"new": 1}'
     assert (target / "config.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["out", "target"]
+
+
+def test_a_filesystem_without_locks_is_said_and_the_write_goes_on(tmp_path, capsys, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(outputs.fcntl, "flock", no_locks)
+    with outputs.atomic_output(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("{}")
+        outputs.publish(tmp, tmp_path / "out")
+    assert "cannot lock" in capsys.readouterr().err and os.listdir(tmp_path) == ["out"]
