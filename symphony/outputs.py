@@ -50,7 +50,8 @@ class Terminated(BaseException):
 
 def _raise_terminated(signum, frame):
     for s in SIGNALS:  # one exception only: a second signal must not interrupt the cleanup it started
-        signal.signal(s, signal.SIG_IGN)
+        if signal.getsignal(s) is _raise_terminated:
+            signal.signal(s, signal.SIG_IGN)
     raise Terminated(signum)
 
 
