@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from symphony.errors import SymphonyError
+from symphony.outputs import check_output_file, write_text_atomic
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -27,6 +26,8 @@ def read_texts(paths) -> list[str]:
     """The contents of text files (UTF-8), one string per file; a missing, unreadable or empty file is an error."""
     texts = []
     for path in map(Path, paths):
+        if path.is_dir():
+            raise SymphonyError(f"{path} is a folder, not a text file (give the text files in it)")
         if not path.is_file():
             raise SymphonyError(f"text file not found: {path}")
         try:
@@ -68,7 +69,7 @@ def batches(stream: torch.Tensor, seq_len: int, batch_size: int) -> list[torch.T
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     full, rest = windows(stream, seq_len)
-    return list(full.split(batch_size)) + ([] if rest is None else [rest[None]])
+    return (list(full.split(batch_size)) if len(full) else []) + ([] if rest is None else [rest[None]])
 
 
 def resolve_device(device="auto") -> torch.device:
@@ -151,14 +152,55 @@ def load_config(model_dir):
         raise SymphonyError(f"cannot read the config in {model_dir}: {e}") from e
 
 
+# Files a tokenizer is made from (one of them must be there: without any, transformers quietly builds a
+# tokenizer of one token that turns every text into nothing).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model")
+# Files of a checkpoint folder that the commands read (what an output file must not replace).
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "model.safetensors.index.json", "alignment_report.json",
+                    "symphony_build.yaml") + TOKENIZER_FILES
+_PROBE = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42"
+
+
+def check_tokenizer(tokenizer, folder, what: str = ""):
+    """Refuse a tokenizer that is not one: `folder` has no tokenizer files, or a probe text becomes no tokens
+    (or only unknown tokens). `what` names the owner at the start of the message ("source 'code'")."""
+    folder, what = Path(folder), f"{what}: " if what else ""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise SymphonyError(f"{what}no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES[:4])}...); "
+                            "copy the tokenizer files of the model there")
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    if not ids or all(i == tokenizer.unk_token_id for i in ids):
+        raise SymphonyError(f"{what}the tokenizer in {folder} turns text into no tokens ({len(tokenizer)} "
+                            "tokens in its vocabulary); its files are incomplete")
+
+
+def checkpoint_files(model_dir) -> list:
+    """(label, path) of the files in `model_dir` that the commands read (for check_output_file's inputs)."""
+    model_dir = Path(model_dir)
+    return [(f"file {p.name} of the model", p) for p in model_dir.iterdir()
+            if p.is_file() and (p.name in CHECKPOINT_FILES or p.name.endswith(".safetensors"))]
+
+
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     model_dir = check_model_dir(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001
         raise SymphonyError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+    check_tokenizer(tokenizer, model_dir)
+    return tokenizer
+
+
+def check_seq_len(config, seq_len: int):
+    """Refuse windows longer than the model's positions (its results there would be silently wrong)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise SymphonyError(f"--seq-len {seq_len} is longer than the {limit} positions of the model "
+                            "(max_position_embeddings)")
 
 
 def load_model(model_dir, *, device="auto", dtype="auto"):
@@ -178,24 +220,7 @@ def load_model(model_dir, *, device="auto", dtype="auto"):
     return model.to(dev).eval()
 
 
-def check_output_file(path) -> Path:
-    """Fail early (before any heavy work) when `path` cannot be written because its folder is missing."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise SymphonyError(f"cannot write {path}: folder {path.parent} does not exist")
-    return path
-
-
 def write_json(path, obj):
-    """Write `obj` as JSON to `path` atomically (a temporary file in the same folder, then a rename)."""
-    path = check_output_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `obj` as JSON to `path` atomically (symphony.outputs.write_text_atomic; checked first by
+    check_output_file)."""
+    write_text_atomic(check_output_file(path), json.dumps(obj, indent=2) + "\n")

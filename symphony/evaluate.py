@@ -118,9 +118,15 @@ def read_report(model_dir) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        report = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SymphonyError(f"cannot read {path}: {e}") from e
+    if not isinstance(report, dict):
+        raise SymphonyError(f"{path} is not a build report (a JSON object), but a {type(report).__name__}")
+    sources = report.get("expert_sources")
+    if sources is not None and not (isinstance(sources, list) and all(isinstance(s, str) for s in sources)):
+        raise SymphonyError(f"{path}: expert_sources must be a list of source names, not {sources!r}")
+    return report
 
 
 def source_load(load: torch.Tensor, sources: list[str]) -> dict[str, list[float]]:

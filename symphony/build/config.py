@@ -373,6 +373,8 @@ def load_config(path) -> BuildConfig:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise SymphonyError(f"{path} is a folder, not a config file")
     if not path.is_file():
         raise SymphonyError(f"config file not found: {path}")
     try:

@@ -1,19 +1,22 @@
 """`symphony build`: the two-stage Symphony-MoE pipeline, from local dense checkpoints to a standard MoE checkpoint.
 
 Order of work (symphony.build.config describes the YAML):
-1. Checks, all cheap, before any heavy work: the config; the output (an existing one needs --force; its parent
-   folder must exist and be writable); every source (config, tokenizer, safetensors headers: missing or
-   truncated files; tensor names and shapes); identical architectures (the first difference is named); the
-   union vocabulary; the calibration and training text (readable, not empty, long enough); the target
-   model's tensor plan against the installed transformers (on the meta device).
+1. Checks, all cheap, before any heavy work: the config; the output (symphony.outputs: not empty, not the
+   current folder or one above it, not a folder that holds an input; an existing one needs --force; its
+   parent folder must exist and be writable; a lock against a second build of the same output; leftovers of
+   killed builds reported); every source (config, tokenizer, safetensors headers: missing or truncated
+   files; tensor names and shapes); identical architectures (the first difference is named); the union
+   vocabulary; the calibration and training text (readable, not empty, long enough: alignment needs at least
+   as many tokens as FFN neurons, `_calibration_floor`); the target model's tensor plan against the installed
+   transformers (on the meta device); the free disk space.
 2. Stage 1b, alignment (symphony.build.align), where it can change the result (`alignment.enabled: auto`): a shared
    expert made from several sources' FFNs, or FFNs split into finer experts. Where every expert is one whole
    source FFN it is skipped, and the report says why: permuting an FFN's neurons does not change its function.
 3. Router init ("hidden": per-source hidden-state centroids, symphony.build.router_init.hidden_centroids).
 4. Stage 1a + assembly (symphony.build.fusion, symphony.build.assemble): every output tensor made and written one at a time.
 5. Stage 2 (symphony.train.train_router; `router_training.steps: 0` skips it).
-Everything is written into a temporary folder beside the output and renamed into place at the end; a failure
-or Ctrl-C removes it, so nothing is left behind.
+Everything is written into a temporary folder beside the output and renamed into place at the end; a failure,
+Ctrl-C or SIGTERM removes it, so nothing is left behind (symphony.outputs.atomic_output).
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ from symphony.build.correlate import auto_layers_per_pass, default_update_tokens
 from symphony.build.memory import MemoryMonitor, peak_rss, size_text
 from symphony.build.report import build_report
 from symphony.build.router_init import hidden_centroids, router_from_centroids, router_weights
-from symphony.errors import SymphonyError
-from symphony.outputs import check_output_dir, make_tmp, publish
+from symphony.errors import SymphonyError, warn
+from symphony.outputs import atomic_output, output_path, publish
 
 
 def alignment_decision(cfg: BuildConfig) -> tuple[bool, str]:
@@ -73,6 +76,34 @@ def _tokens(tokenizer, texts, what: str, at_least: int) -> torch.Tensor:
     return ids
 
 
+FEW_TOKENS_PER_NEURON = 4
+
+
+def _calibration_floor(tokens: int, f: int, capped: bool) -> str | None:
+    """Refuse alignment on fewer calibration tokens than FFN neurons `f`; below FEW_TOKENS_PER_NEURON * f, warn
+    (and return the note for the report).
+
+    Why f: the matching compares neurons by their correlation over the calibration tokens. From n tokens the
+    centred [n, f] activations have rank at most n - 1, so with n <= f the f x f correlation matrix is rank
+    deficient and the matching is driven by the noise of too few samples: it "finds" high correlations that
+    are not there. Measured on two make_family sources fine-tuned from one base (so the true matching is
+    close to the identity; `align_sources` on n calibration tokens, moved = share of neurons the matching
+    moves, the score = mean matched correlation), f = 128: 8 tokens moved 83% (score 0.82), 32 moved 38%,
+    128 (= f) 16%, 512 (4 f) 13%, 8192 15% (score 0.62); f = 512: 8 tokens moved 96% (score 0.87), 128 31%,
+    512 (= f) 21%, 2048 (4 f) 18%, 8192 17% (score 0.59). Below f the error grows fast; from about 4 f on it
+    no longer falls (the matching stops changing with more text), hence the warning under 4 f."""
+    if tokens >= FEW_TOKENS_PER_NEURON * f:
+        return None
+    where = "alignment.max_tokens" if capped else "the calibration text"
+    if tokens < f:
+        raise SymphonyError(f"alignment needs at least as many calibration tokens as FFN neurons ({f}); "
+                            f"{where} gives {tokens}: give more calibration text")
+    note = f"only {tokens} calibration tokens for {f} FFN neurons (fewer than {FEW_TOKENS_PER_NEURON} per neuron): " \
+           "the matching is noisier than with more text"
+    warn(f"alignment: {note}")
+    return note
+
+
 def _forward_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the calibration forwards: bfloat16 on CUDA, float32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -82,7 +113,7 @@ class _Checked:
     """Everything the cheap checks found, for the heavy stages."""
 
 
-def _checks(cfg: BuildConfig, out_dir: Path, force: bool) -> _Checked:
+def _checks(cfg: BuildConfig) -> _Checked:
     from symphony.build.assemble import plan_entries
     from symphony.build.targets import TARGETS, target_config, unsupported
     from symphony.data import read_texts, resolve_device, resolve_dtype
@@ -90,12 +121,6 @@ def _checks(cfg: BuildConfig, out_dir: Path, force: bool) -> _Checked:
     from symphony.build.sources import build_vocabulary, check_same_architecture, open_source
 
     c = _Checked()
-    check_output_dir(out_dir, force)
-    for spec in cfg.sources:
-        src = spec.path.resolve()
-        if out_dir.resolve() == src or out_dir.resolve() in src.parents:
-            raise SymphonyError(f"output {out_dir} would replace source {spec.name!r} ({spec.path}); choose another "
-                                "--out")
     c.device = resolve_device(cfg.device)
     resolve_dtype(cfg.router_training.dtype, resolve_device(cfg.router_training.device))
     c.sources = [open_source(s.name, s.path) for s in cfg.sources]
@@ -128,9 +153,13 @@ def _checks(cfg: BuildConfig, out_dir: Path, force: bool) -> _Checked:
     if c.align:
         seq = cfg.alignment.seq_len
         c.calib_ids = _tokens(c.vocab.tokenizer, c.calib_texts, "alignment calibration text", 2)
+        notes = [_calibration_floor(min(c.calib_ids.numel(), cfg.alignment.max_tokens), anchor.intermediate_size,
+                                    cfg.alignment.max_tokens < c.calib_ids.numel())]
         if c.calib_ids.numel() < seq:
-            c.align_note = f"calibration text shorter than alignment.seq_len={seq}: one window of " \
-                           f"{c.calib_ids.numel()} tokens"
+            notes.append(f"calibration text shorter than alignment.seq_len={seq}: one window of "
+                         f"{c.calib_ids.numel()} tokens")
+        if any(notes):
+            c.align_note = "; ".join(n for n in notes if n)
         c.layers_per_pass, c.passes_note = _layers_per_pass(cfg, anchor, c.device)
     if cfg.experts.router_init == "hidden":
         c.centroid_ids = {s.name: _tokens(c.sources[i].tokenizer, c.source_texts[s.name],
@@ -152,7 +181,7 @@ def _checks(cfg: BuildConfig, out_dir: Path, force: bool) -> _Checked:
                              vocab_size=c.vocab.size, dtype=c.dtype,
                              max_position_embeddings=min(s.config.max_position_embeddings for s in c.sources))
     c.plan = _plan(cfg, c, perms={}, routers=lambda layer: torch.zeros(E, anchor.hidden_size))
-    plan_entries(c.plan)  # names and shapes against the installed transformers
+    c.weight_bytes = sum(e.nbytes for e in plan_entries(c.plan))  # names and shapes checked against transformers
     return c
 
 
@@ -231,8 +260,29 @@ def _routers(cfg: BuildConfig, c: _Checked, progress: bool):
                           std=getattr(anchor.config, "initializer_range", 0.02), hidden_rows=rows)
 
 
-def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dict:
+def _inputs(cfg: BuildConfig, extra) -> list:
+    """(label, path) of everything a build reads, which its output must not replace."""
+    inputs = [(f"source {s.name!r}", s.path) for s in cfg.sources]
+    for path in [*cfg.calibration_files(), *cfg.training_files(), *(p for s in cfg.sources for p in s.calibration)]:
+        inputs.append((f"text file {path.name}", path))
+    return inputs + list(dict(extra or {}).items())
+
+
+def _check_free_space(out_dir: Path, c: _Checked, stage2: bool):
+    """Refuse a build that cannot fit on the output's filesystem: the checkpoint's planned bytes, twice with
+    stage 2 (the stage 1 and the trained checkpoint exist side by side until the end). A lower bound, so a
+    refusal is never wrong; the writes themselves turn a full disk into one line (symphony.outputs)."""
+    need = c.weight_bytes * (2 if stage2 else 1)
+    free = shutil.disk_usage(out_dir.parent).free
+    if free < need:
+        raise SymphonyError(f"not enough disk space for {out_dir}: the build writes at least {size_text(need)}, "
+                            f"{size_text(free)} are free there")
+
+
+def build(config, out_dir, *, force: bool = False, progress: bool = True, inputs=None) -> dict:
     """Build a Symphony-MoE checkpoint into `out_dir` from `config` (a BuildConfig, a dict or a YAML path).
+    `inputs` ({label: path}) names more paths that the output must not replace (the CLI passes the config
+    file); the sources and text files are always protected (symphony.outputs.check_output_path).
 
     Returns {"out", "architecture", "num_experts", "top_k", "expert_sources", "alignment" ({"ran", "reason", "passes",
     "table"}), "stage2" (train_router's summary without the per-step losses, or None), "timings_s",
@@ -244,58 +294,57 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dic
 
     start = time.perf_counter()
     cfg = _as_config(config)
-    out_dir = Path(out_dir).absolute()
+    if isinstance(config, (str, os.PathLike)):
+        inputs = {"the config": Path(config), **dict(inputs or {})}
+    out_dir = output_path(out_dir)
     timings = {}
-    c = _checks(cfg, out_dir, force)
-    tmp = make_tmp(out_dir)
-    timings["checks"] = time.perf_counter() - start
-    memory = MemoryMonitor(c.device)
-    try:
-        t = time.perf_counter()
-        memory.stage("alignment")
-        perms, align_result = _run_alignment(cfg, c, progress) if c.align else ({}, None)
-        timings["alignment"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        memory.stage("router_init")
-        routers = _routers(cfg, c, progress)
-        timings["router_init"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        memory.stage("assembly")
-        plan = _plan(cfg, c, perms=perms, routers=lambda layer: routers[layer])
-        report = build_report(cfg, c, plan, align_result)
-        stage1 = tmp / ("stage1" if c.train_texts else "model")
-        stage1.mkdir()
-        written = write_model(plan, stage1, max_shard_size=cfg.output.max_shard_size, report=report,
-                              progress=progress)
-        _write_build_config(stage1, cfg)
-        timings["assembly"] = time.perf_counter() - t
-
-        stage2 = None
-        if c.train_texts:
-            from symphony.train import train_router
+    with atomic_output(out_dir, force=force, inputs=_inputs(cfg, inputs)) as tmp:
+        c = _checks(cfg)
+        _check_free_space(out_dir, c, bool(c.train_texts))
+        timings["checks"] = time.perf_counter() - start
+        memory = MemoryMonitor(c.device)
+        try:
+            t = time.perf_counter()
+            memory.stage("alignment")
+            perms, align_result = _run_alignment(cfg, c, progress) if c.align else ({}, None)
+            timings["alignment"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            memory.stage("stage2")
-            summary = train_router(stage1, c.train_texts, cfg.router_training, tmp / "model",
-                                   checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
-            shutil.rmtree(stage1)
-            timings["stage2"] = time.perf_counter() - t
-            stage2 = {k: v for k, v in summary.items() if k != "losses"}
+            memory.stage("router_init")
+            routers = _routers(cfg, c, progress)
+            timings["router_init"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            memory.stage("assembly")
+            plan = _plan(cfg, c, perms=perms, routers=lambda layer: routers[layer])
+            report = build_report(cfg, c, plan, align_result)
+            stage1 = tmp / ("stage1" if c.train_texts else "model")
+            stage1.mkdir()
+            written = write_model(plan, stage1, max_shard_size=cfg.output.max_shard_size, report=report,
+                                  progress=progress)
+            _write_build_config(stage1, cfg)
+            timings["assembly"] = time.perf_counter() - t
+
+            stage2 = None
+            if c.train_texts:
+                from symphony.train import train_router
+
+                t = time.perf_counter()
+                memory.stage("stage2")
+                summary = train_router(stage1, c.train_texts, cfg.router_training, tmp / "model",
+                                       checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
+                shutil.rmtree(stage1)
+                timings["stage2"] = time.perf_counter() - t
+                stage2 = {k: v for k, v in summary.items() if k != "losses"}
+        finally:
+            memory.close()
         final = tmp / "model"
-        memory.close()
         timings["total"] = time.perf_counter() - start
         report["stage2"] = stage2
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         report["peak_memory_bytes"] = memory.peaks
         write_json(final / REPORT, report)
         publish(final, out_dir)
-    except BaseException:
-        memory.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
     table = align_result.table() if align_result is not None and hasattr(align_result, "table") else None
     return {"out": str(out_dir), "architecture": c.target.architectures[0], "num_experts": len(plan.expert_names),
             "top_k": cfg.experts.top_k, "expert_sources": plan.expert_names,

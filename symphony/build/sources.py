@@ -2,7 +2,8 @@
 
 A `Source` is one local dense transformers checkpoint (config.json + safetensors, one file or sharded with
 `model.safetensors.index.json`) of the Llama, Mistral, Qwen2 or Qwen3 family. Opening it is cheap: it reads
-the config, the tokenizer and every safetensors header (a missing or truncated file is found here), and checks
+the config, the tokenizer (refused without tokenizer files, or when it turns a probe text into no tokens:
+symphony.data.check_tokenizer) and every safetensors header (a missing or truncated file is found here), and checks
 that every tensor the architecture needs is present with the right shape. Tensors are then read one at a
 time, on demand (`Source.tensor`), and checked for NaN/inf as they are read.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from symphony.data import check_tokenizer
 from symphony.errors import SymphonyError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -260,6 +262,7 @@ def open_source(name: str, path) -> Source:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise SymphonyError(f"source {name!r}: cannot load the tokenizer in {path}: {e}") from e
+    check_tokenizer(tokenizer, path, f"source {name!r}")
     files = _weight_files(name, path)
     shapes = expected_tensors(config)
     by_file: dict[Path, list[str]] = {}

@@ -1,6 +1,8 @@
 """`symphony` command line. Each command lives in its own module, imported only when that command runs.
 
 A command module defines HELP (one line), add_arguments(parser) and run(args) -> int | None.
+Every command: a SymphonyError or a full disk is one `symphony CMD: error: ...` line and exit status 1; Ctrl-C
+exits 130, SIGTERM 143 and SIGHUP 129 after the cleanup (symphony.outputs.terminate_as_exception).
 """
 import argparse
 import importlib
@@ -32,15 +34,29 @@ def main(argv=None):
         parser.print_help()
         return 2
     from symphony.errors import SymphonyError
+    from symphony.outputs import Terminated, disk_full, terminate_as_exception
 
     try:
-        return args._run(args) or 0
+        with terminate_as_exception():
+            return args._run(args) or 0
     except SymphonyError as e:
-        print(f"symphony {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(args.command, str(e))
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        return _fail(args.command, f"{e.strerror} ({e.filename or 'while writing'})")
     except KeyboardInterrupt:
         print(f"symphony {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"symphony {args.command}: terminated ({e.name})", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _fail(command: str, message: str) -> int:
+    """One line on stderr (a message from a library may hold line breaks), exit status 1."""
+    print(f"symphony {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

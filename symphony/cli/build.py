@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from symphony.build.config import load_config
 from symphony.build.pipeline import build
@@ -13,7 +14,8 @@ HELP = "build a Symphony-MoE checkpoint from dense sources (YAML config)"
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("config", help="build config (YAML; see examples/build.yaml)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist, unless --force)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder (a model folder "
+                        "or an empty one), and remove what killed builds of it left behind")
     parser.add_argument("--device", help="override the config's device: auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -27,6 +29,6 @@ def run(args) -> int:
     if args.device:
         cfg.device = args.device
         cfg.router_training.device = args.device
-    summary = build(cfg, args.out, force=args.force, progress=not args.quiet)
+    summary = build(cfg, args.out, force=args.force, progress=not args.quiet, inputs={"the config": Path(args.config)})
     print(format_summary(summary))
     return 0

@@ -9,6 +9,7 @@
 3. An eval table: held-out perplexity per domain of every source and of the built MoE, and which source's
    experts each domain's tokens are routed to.
 
+A failure, Ctrl-C or SIGTERM before the end removes the work folder; a failed check keeps it for a look.
 Checks (any failure exits non-zero): the kernels match the reference (relative error < 1e-5); the MoE loads in
 transformers with no missing or unexpected weight and its experts are the source FFNs bit for bit; its mean
 held-out perplexity over the three domains is lower than every source's.
@@ -72,12 +73,20 @@ def _kernel_backend() -> str:
     return "the plain-PyTorch fallback (triton unavailable)"
 
 
-def _prepare(out: Path) -> Path:
+def _check_out(out: Path):
+    """The work folder may be replaced: it is new, or an earlier demo made it; never the current folder or one
+    above it (symphony.outputs.check_output_path)."""
     from symphony.errors import SymphonyError
+    from symphony.outputs import check_output_path
 
+    check_output_path(out)
+    if (out.exists() or out.is_symlink()) and not (out.is_dir() and (out / MARKER).is_file()):
+        raise SymphonyError(f"{out} exists and was not made by `symphony demo`: give another --out")
+
+
+def _prepare(out: Path) -> Path:
+    _check_out(out)
     if out.exists():
-        if not (out / MARKER).exists():
-            raise SymphonyError(f"{out} exists and was not made by `symphony demo`: give another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("made by `symphony demo`; deleted and remade by the next run\n")
@@ -179,25 +188,45 @@ def run(args) -> int:
     from transformers.utils import logging
 
     from symphony.errors import SymphonyError
-    from symphony.build.pipeline import build
-    from symphony.build.report import format_summary
+    from symphony.outputs import output_lock, output_path, terminate_as_exception
 
     logging.disable_progress_bar()
 
     if args.steps < 0:
         raise SymphonyError("--steps must be >= 0")
-    failures = []
+    out = output_path(args.out)
+    _check_out(out)  # before any work
+    failures = _kernel_step(args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with terminate_as_exception(resignal=True), output_lock(out):
+        _prepare(out)
+        try:
+            failures += _build_and_evaluate(out, args)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # a half-made work folder is of no use to anyone
+            raise
+    if failures:
+        raise SymphonyError("demo check failed: " + "; ".join(failures))
+    print("\nall demo checks: OK")
+    return 0
 
+
+def _kernel_step(seed: int) -> list[str]:
     print(f"[1/3] MoE layer (T=24, d=32, f=48, E=4, top-2), fp32 vs float64 reference, on {_kernel_backend()}:")
-    errors = check_moe_layer(args.seed)
+    errors = check_moe_layer(seed)
     for name, err in errors.items():
         print(f"  {name:<13} relative error {err:.2e}")
     worst = max(errors.values())
     print(f"  kernel check: {'OK' if worst < 1e-5 else 'FAILED'}")
-    if not worst < 1e-5:
-        failures.append(f"MoE layer: worst relative error {worst:.2e} >= 1e-5")
+    return [] if worst < 1e-5 else [f"MoE layer: worst relative error {worst:.2e} >= 1e-5"]
 
-    out = _prepare(Path(args.out))
+
+def _build_and_evaluate(out: Path, args) -> list[str]:
+    """Steps 2 and 3 in the work folder `out`; returns the failed checks."""
+    from symphony.build.pipeline import build
+    from symphony.build.report import format_summary
+
+    failures = []
     print(f"\n[2/3] Symphony-MoE build from 3 small Qwen2 sources (prose, code, math) in {out}/")
     paths, train, test = _write_sources(out, args.seed)
     config = _build_config(out, paths, train, args.steps, args.seed, args.device)
@@ -227,8 +256,4 @@ def run(args) -> int:
           f"{'<' if ok else '>='} best source ({best[1]}) {best[0]:.2f}: {'OK' if ok else 'FAILED'}")
     if not ok:
         failures.append("the MoE's mean perplexity is not below every source's")
-
-    if failures:
-        raise SymphonyError("demo check failed: " + "; ".join(failures))
-    print("\nall demo checks: OK")
-    return 0
+    return failures

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import math
 
-from symphony.data import (check_model_dir, check_output_file, load_model, load_tokenizer, read_texts, resolve_device,
-                           resolve_dtype, write_json)
+from symphony.data import (check_model_dir, check_seq_len, checkpoint_files, load_config, load_model, load_tokenizer,
+                           read_texts, resolve_device, resolve_dtype, write_json)
 from symphony.errors import SymphonyError
 from symphony.evaluate import perplexity
+from symphony.outputs import check_output_file
 
 HELP = "perplexity of a model on text files"
 
@@ -28,9 +29,10 @@ def run(args) -> int:
         raise SymphonyError("--seq-len must be at least 2 and --batch-size at least 1")
     check_model_dir(args.model)
     resolve_dtype(args.dtype, resolve_device(args.device))
-    if args.json:
-        check_output_file(args.json)
+    if args.json is not None:
+        check_output_file(args.json, checkpoint_files(args.model) + [("text file", t) for t in args.text])
     texts = read_texts(args.text)
+    check_seq_len(load_config(args.model), args.seq_len)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     results = {path: perplexity(model, tokenizer, [text], seq_len=args.seq_len, batch_size=args.batch_size)
@@ -43,7 +45,7 @@ def run(args) -> int:
     print(f"{'file':<{width}}  {'tokens':>9}  {'NLL':>7}  {'PPL':>9}")
     for name, r in [*results.items(), *([("all files", overall)] if len(results) > 1 else [])]:
         print(f"{name:<{width}}  {r['tokens']:>9}  {r['nll']:>7.4f}  {r['ppl']:>9.3f}")
-    if args.json:
+    if args.json is not None:
         write_json(args.json, {"model": str(args.model), "seq_len": args.seq_len, "batch_size": args.batch_size,
                                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                                "files": results, "all": overall})

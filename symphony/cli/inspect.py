@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from symphony.data import (check_model_dir, check_output_file, load_config, load_model, load_tokenizer, read_texts,
-                           resolve_device, resolve_dtype, write_json)
+from symphony.data import (check_model_dir, check_seq_len, checkpoint_files, load_config, load_model, load_tokenizer,
+                           read_texts, resolve_device, resolve_dtype, write_json)
 from symphony.errors import SymphonyError
 from symphony.evaluate import REPORT, config_summary, expert_load, moe_shape, read_report, source_load
+from symphony.outputs import check_output_file
 
 HELP = "summarise a built model: config, expert load, alignment report"
 
@@ -58,20 +59,22 @@ def run(args) -> int:
         raise SymphonyError("--seq-len must be at least 2 and --batch-size at least 1")
     model_dir = check_model_dir(args.model)
     resolve_dtype(args.dtype, resolve_device(args.device))
-    if args.json:
-        check_output_file(args.json)
+    if args.json is not None:
+        check_output_file(args.json, checkpoint_files(model_dir) + [("text file", t) for t in args.text or []])
     summary = config_summary(model_dir)
     report = read_report(model_dir)
     texts = read_texts(args.text) if args.text else None
-    if texts:
+    if texts:  # everything that can fail before anything is printed
         moe_shape(load_config(model_dir))
+        check_seq_len(load_config(model_dir), args.seq_len)
+        tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir, device=args.device, dtype=args.dtype)
     result = {"model": str(model_dir), "config": summary}
 
     print(f"{model_dir}")
     _print_report(summary, "  ")
     if texts:
-        model = load_model(model_dir, device=args.device, dtype=args.dtype)
-        load = expert_load(model, load_tokenizer(model_dir), texts, seq_len=args.seq_len, batch_size=args.batch_size)
+        load = expert_load(model, tokenizer, texts, seq_len=args.seq_len, batch_size=args.batch_size)
         result["expert_load"] = load.tolist()
         print(f"\nexpert load on {', '.join(args.text)} (% of routed assignments; uniform = "
               f"{100 / load.shape[1]:.1f}%)")
@@ -88,6 +91,6 @@ def run(args) -> int:
         result["alignment_report"] = report
         print(f"\n{REPORT}")
         _print_report(report, "  ")
-    if args.json:
+    if args.json is not None:
         write_json(args.json, result)
     return 0

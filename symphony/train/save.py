@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from symphony.data import load_tokenizer, quiet_zero_size_init
-from symphony.outputs import make_tmp, publish
+from symphony.outputs import atomic_output, publish
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -46,8 +46,7 @@ def write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor]
     from transformers import AutoModelForCausalLM
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_tmp(out_dir)
-    try:
+    with atomic_output(out_dir, force=True) as tmp:  # lock, cleanup on any exit or signal, a full disk in one line
         if trained is None:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         elif mode == "router" and any(model_dir.glob("*.safetensors")):
@@ -71,6 +70,3 @@ def write_model(model_dir: Path, out_dir: Path, trained: dict[str, torch.Tensor]
                 if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and not (tmp / p.name).exists():
                     shutil.copy2(p, tmp / p.name)
         publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

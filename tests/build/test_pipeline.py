@@ -120,6 +120,9 @@ def test_existing_output_needs_force(small, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "build", cfg, "--out", out, "--quiet")
     assert rc == 1 and "already exists" in err and "--force" in err and err.count("\n") == 1
     assert (out / "keep.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == before
+    rc, _, err = run_cli(capsys, "build", cfg, "--out", out, "--force", "--quiet")  # not a model: not replaced
+    assert rc == 1 and "no model (no config.json)" in err and (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")  # an earlier output
     rc, _, err = run_cli(capsys, "build", cfg, "--out", out, "--force", "--quiet")
     assert rc == 0, err
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
