@@ -275,12 +275,39 @@ def validation_loss(model, tokenizer, docs_by_domain: dict[str, list[str]], cfg:
                               progress=False)["nll"] for d, docs in docs_by_domain.items()}
 
 
+def tokenize_domains(data_dir, domains: list[str], cfg: FamilyConfig, out_dir: Path, progress: bool = True):
+    """(tokenizer, {domain: train split as one token stream}, {domain: validation documents}): the tokenizer is
+    trained on up to `tokenizer_bytes` of each domain's train split, saved to `out_dir`/tokenizer and used as
+    loaded from there (saved_tokenizer)."""
+    from symphony.data import token_stream
+
+    t0 = time.perf_counter()
+    train_docs = {d: qdata.load_split(data_dir, d, "train") for d in domains}
+    val_docs = {d: qdata.load_split(data_dir, d, "val", max_bytes=cfg.eval_bytes) for d in domains}
+    sample = [doc for d in domains for doc in qdata.load_split(data_dir, d, "train", max_bytes=cfg.tokenizer_bytes)]
+    tokenizer = saved_tokenizer(train_tokenizer(sample, cfg.vocab_size), model_config(cfg, cfg.vocab_size),
+                                out_dir / "tokenizer", sample[::10])
+    streams = {d: token_stream(tokenizer, docs) for d, docs in train_docs.items()}
+    if progress:
+        print(f"tokenizer: {len(tokenizer)} tokens; train tokens "
+              + ", ".join(f"{d} {s.numel() / 1e6:.2f}M" for d, s in streams.items())
+              + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return tokenizer, streams, val_docs
+
+
+def print_summary(summary: dict, out_dir):
+    print(f"family written to {out_dir} in {summary['seconds']:.1f} s", flush=True)
+    for name, m in summary["models"].items():
+        print(f"  {name:>8}: {m['tokens'] / 1e6:.1f}M tokens, {m['tokens_per_s'] / 1e3:.0f}k tok/s, val loss "
+              + ", ".join(f"{d} {v:.3f}" for d, v in m["val_loss"].items()), flush=True)
+
+
 def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress: bool = True) -> dict:
     """Train the tokenizer, the base and one specialist per training domain of the data in `data_dir`; write
     them to `out_dir`/{base,<domain>} and the summary to `out_dir`/family.json; return the summary."""
     from transformers import AutoModelForCausalLM
 
-    from symphony.data import resolve_device, token_stream
+    from symphony.data import resolve_device
 
     if not isinstance(cfg, FamilyConfig):
         raise TypeError(f"cfg must be a FamilyConfig, not {type(cfg).__name__}")
@@ -294,17 +321,8 @@ def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress
     save_dtype = getattr(torch, cfg.save_dtype)
     t0 = time.perf_counter()
 
-    train_docs = {d: qdata.load_split(data_dir, d, "train") for d in domains}
-    val_docs = {d: qdata.load_split(data_dir, d, "val", max_bytes=cfg.eval_bytes) for d in domains}
-    sample = [doc for d in domains for doc in qdata.load_split(data_dir, d, "train", max_bytes=cfg.tokenizer_bytes)]
-    tokenizer = saved_tokenizer(train_tokenizer(sample, cfg.vocab_size), model_config(cfg, cfg.vocab_size),
-                                out_dir / "tokenizer", sample[::10])
-    streams = {d: token_stream(tokenizer, docs) for d, docs in train_docs.items()}
+    tokenizer, streams, val_docs = tokenize_domains(data_dir, domains, cfg, out_dir, progress)
     prep_s = time.perf_counter() - t0
-    if progress:
-        print(f"tokenizer: {len(tokenizer)} tokens; train tokens "
-              + ", ".join(f"{d} {s.numel() / 1e6:.2f}M" for d, s in streams.items()) + f" ({prep_s:.1f} s)",
-              flush=True)
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(model_config(cfg, len(tokenizer)), attn_implementation="sdpa")
@@ -314,9 +332,9 @@ def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress
     if progress:
         print(f"model: Qwen2, {n_params / 1e6:.1f}M parameters, on {device}", flush=True)
 
-    summary = {"format": FAMILY_FORMAT, "config": cfg.to_dict(), "device": str(device), "params": n_params, "vocab": len(tokenizer),
-               "domains": domains, "data": data_fingerprint(manifest), "train_tokens": {d: s.numel() for d, s in streams.items()},
-               "prep_seconds": prep_s, "models": {}}
+    summary = {"format": FAMILY_FORMAT, "config": cfg.to_dict(), "device": str(device), "params": n_params,
+               "vocab": len(tokenizer), "domains": domains, "data": data_fingerprint(manifest),
+               "train_tokens": {d: s.numel() for d, s in streams.items()}, "prep_seconds": prep_s, "models": {}}
     sampler = WindowSampler(list(streams.values()), cfg.seq_len, cfg.seed, device)
     log = train_lm(model, forward, sampler, tokens=cfg.base_tokens, lr=cfg.base_lr, cfg=cfg, device=device,
                    label="base", progress=progress)
@@ -337,10 +355,7 @@ def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress
         summary["models"][domain] = log
     summary["seconds"] = time.perf_counter() - t0
     if progress:
-        print(f"family written to {out_dir} in {summary['seconds']:.1f} s", flush=True)
-        for name, m in summary["models"].items():
-            print(f"  {name:>8}: {m['tokens'] / 1e6:.1f}M tokens, {m['tokens_per_s'] / 1e3:.0f}k tok/s, val loss "
-                  + ", ".join(f"{d} {v:.3f}" for d, v in m["val_loss"].items()), flush=True)
+        print_summary(summary, out_dir)
     (out_dir / "family.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
