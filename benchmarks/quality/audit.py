@@ -29,23 +29,15 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.quality import data as qdata  # noqa: E402
-from benchmarks.quality.family import SPECIALS, FamilyConfig, model_config, train_tokenizer  # noqa: E402
+from benchmarks.quality.family import FamilyConfig, bpe_tokenizer, model_config, train_tokenizer  # noqa: E402
 
 
 def legacy_tokenizer(texts: list[str], vocab_size: int):
     """The issue-6 family's tokenizer recipe (digits one per token, then GPT-2 byte-level pre-tokenization)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], bos_token=SPECIALS[0],
-                                   pad_token=SPECIALS[1])
+    return bpe_tokenizer(texts, vocab_size, pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]))
 
 
 def reload(tokenizer, cfg: FamilyConfig):

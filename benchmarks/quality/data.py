@@ -437,14 +437,15 @@ def load_split(data_dir, domain: str, split: str, *, max_bytes: int | None = Non
     return docs
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, *, prepare_fn=None, description: str | None = None) -> int:
+    """The command line of this module, and of paperdata.py (its `prepare_fn` and docstring)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="data folder to write (replaced if present)")
     parser.add_argument("--toy", action="store_true", help="small domains from Python's stdlib only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        manifest = prepare(args.out, toy=args.toy, seed=args.seed)
+        manifest = (prepare_fn or prepare)(args.out, toy=args.toy, seed=args.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -120,15 +120,23 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     trained with another pre-tokenizer therefore tokenizes differently once saved and loaded: the issue-6 family
     (digits + GPT-2 byte level) was trained on one tokenization and evaluated on another, with 10% more tokens for
     code (RESULTS.md, "Why full post-training lowered the code loss so much"). `saved_tokenizer` checks it."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, normalizers, pre_tokenizers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    return bpe_tokenizer(texts, vocab_size, pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC())
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer, normalizer=None):
+    """A byte-level BPE fast tokenizer with the study's special tokens, trained on `texts` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

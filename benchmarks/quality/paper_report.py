@@ -111,12 +111,6 @@ def goal(results: dict) -> dict:
     return out
 
 
-def _pm(mean, std, digits=4):
-    if mean is None:
-        return "–"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
 def markdown(results: dict) -> str:
     roles, ood = results["roles"], results["ood"]
     domains = list(roles.values())
@@ -127,27 +121,8 @@ def markdown(results: dict) -> str:
              + ("every part used the same family weights" if results["families_agree"] else
                 "**the parts' families differ** (" + ", ".join(f"part {k}: {v['family']}"
                                                               for k, v in results["parts"].items()) + ")") + "."]
-    header = ["contender", "group", *domains, "in-domain", *[f"{d} (OOD)" for d in ood], "math EM",
-              "params (active)", "seeds"]
-    lines += ["", "## Test loss (mean next-token NLL; mean ± std over seeds)", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, e in results["contenders"].items():
-        s = e.get("summary") or {}
-        if not s:
-            why = e.get("error") or e.get("skipped") or "not run"
-            lines.append(f"| `{name}` | {e.get('group', '')} | " + " | ".join(["–"] * (len(header) - 3))
-                         + f" | {why.replace('|', '/')[:100]} |")
-            continue
-        p = s.get("params") or {}
-        cells = [f"`{name}`" + (f" (= `{e['same_as']}`)" if e.get("same_as") else ""), e.get("group", "")]
-        cells += [_pm(s["loss"][d], s["loss_std"][d]) for d in domains]
-        cells.append(_pm(s["in_domain"], s.get("in_domain_std")))
-        cells += [_pm(s["loss"][d], s["loss_std"][d]) for d in ood]
-        cells.append(_pm(s.get("math_em"), s.get("math_em_std"), 3) if "math_em" in s else "–")
-        total, active = p.get("total"), p.get("active")
-        cells.append(f"{total / 1e6:.1f}M ({active / 1e6:.1f}M)" if total and active else "–")
-        cells.append(str(s.get("seeds", "")))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Test loss (mean next-token NLL; mean ± std over seeds)", ""]
+    lines += qreport.loss_table(results["contenders"], domains, ood, ood_mean=len(ood) > 1)
     g = goal(results)
     lines += ["", "## The issue's goal", ""]
     for key, what in (("in_domain", "lowest mean in-domain loss of every contender"),

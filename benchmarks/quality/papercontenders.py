@@ -26,10 +26,11 @@ of the stage-1 checkpoint, then stage 2), "bam".
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
+
+from benchmarks.quality.contenders import _deep_merge
 
 # the paper's 1.5B numbers (accuracy, higher is better): (in-domain average, OOD)
 PAPER = {"symphony": (44.07, 35.26), "drop-upcycling": (41.10, 32.90), "bam": (39.55, 28.97), "btx": (33.94, 26.92),
@@ -86,15 +87,6 @@ def by_name(roles: dict[str, str], name: str) -> PaperContender:
     if not found:
         raise ValueError(f"unknown contender {name!r}; known: {', '.join(c.name for c in contenders(roles))}")
     return found[0]
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
 
 
 def moe_config(c: PaperContender, *, family_dir, roles: dict, calib_files: dict, align_tokens: int, seq_len: int,

@@ -14,7 +14,6 @@ the fourth domain, and Python's license as the held-out one.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -83,19 +82,7 @@ def roles(manifest: dict) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="data folder to write (replaced if present)")
-    parser.add_argument("--toy", action="store_true", help="small domains from Python's stdlib only")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        manifest = prepare(args.out, toy=args.toy, seed=args.seed)
-    except qdata.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    total = sum(s["bytes"] for d in manifest["domains"].values() for s in d["splits"].values())
-    print(f"wrote {args.out}: {total / MB:.1f} MB of text in {len(manifest['domains'])} domains")
-    return 0
+    return qdata.main(argv, prepare_fn=prepare, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
