@@ -352,17 +352,20 @@ def toy_domains(seed: int = 0) -> list[Domain]:
 # ---------------------------------------------------------------------------------------------------- writing
 
 def prepare(out_dir, *, toy: bool = False, seed: int = 0, val_fraction: float | None = None,
-            test_fraction: float | None = None, progress: bool = True) -> dict:
+            test_fraction: float | None = None, progress: bool = True, domains: list[Domain] | None = None,
+            layout: str = "issue6") -> dict:
     """Extract, clean, de-duplicate and split every domain into `out_dir` (written to a temporary folder and
-    renamed at the end; an existing `out_dir` is replaced). Returns the manifest."""
+    renamed at the end; an existing `out_dir` is replaced). Returns the manifest. `domains`: other domains than
+    the study's (`layout` names them in the manifest; paperdata.py uses it)."""
     val_fraction = val_fraction if val_fraction is not None else (0.1 if toy else 0.03)
     test_fraction = test_fraction if test_fraction is not None else (0.15 if toy else 0.03)
     out_dir = Path(out_dir)
-    domains = toy_domains(seed) if toy else full_domains(seed)
+    if domains is None:
+        domains = toy_domains(seed) if toy else full_domains(seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        manifest = {"format": FORMAT_VERSION, "toy": toy, "seed": seed, "val_fraction": val_fraction,
+        manifest = {"format": FORMAT_VERSION, "layout": layout, "toy": toy, "seed": seed, "val_fraction": val_fraction,
                     "test_fraction": test_fraction, "python": sys.version.split()[0], "domains": {}}
         for d in domains:
             docs = [normalise(x) for x in d.extract()]
@@ -434,14 +437,15 @@ def load_split(data_dir, domain: str, split: str, *, max_bytes: int | None = Non
     return docs
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, *, prepare_fn=None, description: str | None = None) -> int:
+    """The command line of this module, and of paperdata.py (its `prepare_fn` and docstring)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="data folder to write (replaced if present)")
     parser.add_argument("--toy", action="store_true", help="small domains from Python's stdlib only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        manifest = prepare(args.out, toy=args.toy, seed=args.seed)
+        manifest = (prepare_fn or prepare)(args.out, toy=args.toy, seed=args.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,8 +4,9 @@ domains, and one specialist per training domain, continued-pretrained from the b
     make_family(data_dir, out_dir, FamilyConfig.preset("gpu")) -> family.json + base/ + <domain>/ checkpoints
 
 Recipe (everything seeded; the same code at toy size on a CPU):
-- tokenizer: byte-level BPE (`tokenizers`), digits split one per token (so numbers have one tokenization, as
-  in Qwen2's tokenizer), trained on up to `tokenizer_bytes` of each training domain's train split;
+- tokenizer: byte-level BPE (`tokenizers`) with Qwen2's pre-tokenization (digits one per token), trained on up
+  to `tokenizer_bytes` of each training domain's train split, saved to `tokenizer/` and used as loaded from there
+  (what every evaluation and stage 2 use; `saved_tokenizer` checks that it tokenizes as trained);
 - base: random init (seed), AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then cosine
   decay to 10% of the peak, `base_tokens` tokens of windows drawn in equal numbers from every training domain;
 - specialists: each starts from the base exactly as saved (bf16-rounded weights) and trains `specialist_tokens`
@@ -38,6 +39,9 @@ def from_preset(cls, what: str, name: str, overrides: dict):
     return cls(**{**cls.PRESETS[name], **overrides})
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
+# 2: the tokenizer is trained with Qwen2's pre-tokenization and used as loaded from a checkpoint folder (1, the
+# issue-6 family, trained on another tokenization than the one every evaluation used); read_family refuses others
+FAMILY_FORMAT = 2
 
 
 @dataclass
@@ -108,19 +112,58 @@ class FamilyConfig:
 # -------------------------------------------------------------------------------------------------- tokenizer
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE fast tokenizer (digits split one per token), deterministic for the same texts."""
+    """A byte-level BPE fast tokenizer, deterministic for the same texts, with the pre-tokenization of
+    transformers' Qwen2Tokenizer (NFC, Qwen2's split regex, which makes every digit its own pre-token, then bytes).
+
+    Why Qwen2's: transformers 5's AutoTokenizer loads the tokenizer of a qwen2 / qwen2_moe checkpoint folder as
+    Qwen2Tokenizer, which rebuilds the pre-tokenizer from its own regex whatever tokenizer.json says. A tokenizer
+    trained with another pre-tokenizer therefore tokenizes differently once saved and loaded: the issue-6 family
+    (digits + GPT-2 byte level) was trained on one tokenization and evaluated on another, with 10% more tokens for
+    code (RESULTS.md, "Why full post-training lowered the code loss so much"). `saved_tokenizer` checks it."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return bpe_tokenizer(texts, vocab_size, pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC())
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer, normalizer=None):
+    """A byte-level BPE fast tokenizer with the study's special tokens, trained on `texts` (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], bos_token=SPECIALS[0],
                                    pad_token=SPECIALS[1])
+
+
+def saved_tokenizer(tokenizer, model_cfg, folder, probes: list[str]):
+    """Save `tokenizer` with `model_cfg` into `folder` (a checkpoint folder without weights), load it back the way
+    the study and stage 2 load every checkpoint's tokenizer (symphony.data.load_tokenizer) and return the loaded
+    one. ValueError if the loaded tokenizer tokenizes one of the `probes` differently: then the models would be
+    trained on one tokenization and evaluated on another."""
+    from symphony.data import load_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded = load_tokenizer(folder)
+    for i, text in enumerate(probes):
+        a = tokenizer(text, add_special_tokens=False)["input_ids"]
+        b = loaded(text, add_special_tokens=False)["input_ids"]
+        if a != b:
+            raise ValueError(f"the tokenizer loaded from {folder} ({type(loaded).__name__}) tokenizes probe {i} "
+                             f"differently from the trained one ({len(b)} vs {len(a)} tokens)")
+    return loaded
 
 
 def model_config(cfg: FamilyConfig, vocab_size: int):
@@ -240,12 +283,39 @@ def validation_loss(model, tokenizer, docs_by_domain: dict[str, list[str]], cfg:
                               progress=False)["nll"] for d, docs in docs_by_domain.items()}
 
 
+def tokenize_domains(data_dir, domains: list[str], cfg: FamilyConfig, out_dir: Path, progress: bool = True):
+    """(tokenizer, {domain: train split as one token stream}, {domain: validation documents}): the tokenizer is
+    trained on up to `tokenizer_bytes` of each domain's train split, saved to `out_dir`/tokenizer and used as
+    loaded from there (saved_tokenizer)."""
+    from symphony.data import token_stream
+
+    t0 = time.perf_counter()
+    train_docs = {d: qdata.load_split(data_dir, d, "train") for d in domains}
+    val_docs = {d: qdata.load_split(data_dir, d, "val", max_bytes=cfg.eval_bytes) for d in domains}
+    sample = [doc for d in domains for doc in qdata.load_split(data_dir, d, "train", max_bytes=cfg.tokenizer_bytes)]
+    tokenizer = saved_tokenizer(train_tokenizer(sample, cfg.vocab_size), model_config(cfg, cfg.vocab_size),
+                                out_dir / "tokenizer", sample[::10])
+    streams = {d: token_stream(tokenizer, docs) for d, docs in train_docs.items()}
+    if progress:
+        print(f"tokenizer: {len(tokenizer)} tokens; train tokens "
+              + ", ".join(f"{d} {s.numel() / 1e6:.2f}M" for d, s in streams.items())
+              + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return tokenizer, streams, val_docs
+
+
+def print_summary(summary: dict, out_dir):
+    print(f"family written to {out_dir} in {summary['seconds']:.1f} s", flush=True)
+    for name, m in summary["models"].items():
+        print(f"  {name:>8}: {m['tokens'] / 1e6:.1f}M tokens, {m['tokens_per_s'] / 1e3:.0f}k tok/s, val loss "
+              + ", ".join(f"{d} {v:.3f}" for d, v in m["val_loss"].items()), flush=True)
+
+
 def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress: bool = True) -> dict:
     """Train the tokenizer, the base and one specialist per training domain of the data in `data_dir`; write
     them to `out_dir`/{base,<domain>} and the summary to `out_dir`/family.json; return the summary."""
     from transformers import AutoModelForCausalLM
 
-    from symphony.data import resolve_device, token_stream
+    from symphony.data import resolve_device
 
     if not isinstance(cfg, FamilyConfig):
         raise TypeError(f"cfg must be a FamilyConfig, not {type(cfg).__name__}")
@@ -259,16 +329,8 @@ def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress
     save_dtype = getattr(torch, cfg.save_dtype)
     t0 = time.perf_counter()
 
-    train_docs = {d: qdata.load_split(data_dir, d, "train") for d in domains}
-    val_docs = {d: qdata.load_split(data_dir, d, "val", max_bytes=cfg.eval_bytes) for d in domains}
-    sample = [doc for d in domains for doc in qdata.load_split(data_dir, d, "train", max_bytes=cfg.tokenizer_bytes)]
-    tokenizer = train_tokenizer(sample, cfg.vocab_size)
-    streams = {d: token_stream(tokenizer, docs) for d, docs in train_docs.items()}
+    tokenizer, streams, val_docs = tokenize_domains(data_dir, domains, cfg, out_dir, progress)
     prep_s = time.perf_counter() - t0
-    if progress:
-        print(f"tokenizer: {len(tokenizer)} tokens; train tokens "
-              + ", ".join(f"{d} {s.numel() / 1e6:.2f}M" for d, s in streams.items()) + f" ({prep_s:.1f} s)",
-              flush=True)
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(model_config(cfg, len(tokenizer)), attn_implementation="sdpa")
@@ -278,9 +340,9 @@ def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress
     if progress:
         print(f"model: Qwen2, {n_params / 1e6:.1f}M parameters, on {device}", flush=True)
 
-    summary = {"config": cfg.to_dict(), "device": str(device), "params": n_params, "vocab": len(tokenizer),
-               "domains": domains, "data": data_fingerprint(manifest), "train_tokens": {d: s.numel() for d, s in streams.items()},
-               "prep_seconds": prep_s, "models": {}}
+    summary = {"format": FAMILY_FORMAT, "config": cfg.to_dict(), "device": str(device), "params": n_params,
+               "vocab": len(tokenizer), "domains": domains, "data": data_fingerprint(manifest),
+               "train_tokens": {d: s.numel() for d, s in streams.items()}, "prep_seconds": prep_s, "models": {}}
     sampler = WindowSampler(list(streams.values()), cfg.seq_len, cfg.seed, device)
     log = train_lm(model, forward, sampler, tokens=cfg.base_tokens, lr=cfg.base_lr, cfg=cfg, device=device,
                    label="base", progress=progress)
@@ -301,10 +363,7 @@ def make_family(data_dir, out_dir, cfg: FamilyConfig, *, device="auto", progress
         summary["models"][domain] = log
     summary["seconds"] = time.perf_counter() - t0
     if progress:
-        print(f"family written to {out_dir} in {summary['seconds']:.1f} s", flush=True)
-        for name, m in summary["models"].items():
-            print(f"  {name:>8}: {m['tokens'] / 1e6:.1f}M tokens, {m['tokens_per_s'] / 1e3:.0f}k tok/s, val loss "
-                  + ", ".join(f"{d} {v:.3f}" for d, v in m["val_loss"].items()), flush=True)
+        print_summary(summary, out_dir)
     (out_dir / "family.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -321,6 +380,8 @@ def read_family(out_dir) -> dict | None:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
+    if summary.get("format") != FAMILY_FORMAT:
+        return None
     for name in summary.get("models", {}):
         if not (Path(out_dir) / name / "config.json").is_file():
             return None

@@ -118,6 +118,35 @@ def _verdict_lines(v: dict) -> list[str]:
     return lines
 
 
+def loss_table(contenders: dict, train: list[str], ood: list[str], *, ood_mean: bool = True) -> list[str]:
+    """The markdown table of every contender's test losses (mean ± std over seeds), math EM, parameters and
+    seeds; a contender without results shows why (its error, skip reason, or "not run")."""
+    header = (["contender", "group"] + list(train) + ["in-domain"] + [f"{d} (OOD)" for d in ood]
+              + (["OOD mean"] if ood and ood_mean else []) + ["math EM", "params (active)", "seeds"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, e in contenders.items():
+        s = e.get("summary") or {}
+        label = f"`{name}`" + (f" (= `{e['same_as']}`)" if e.get("same_as") else "")
+        if not s:
+            why = e.get("error") or e.get("skipped") or "not run"
+            lines.append(f"| {label} | {e.get('group', '')} | " + " | ".join(["–"] * (len(header) - 3))
+                         + f" | {why.replace('|', '/')[:120]} |")
+            continue
+        cells = [label, e.get("group", "")]
+        cells += [_pm(s["loss"][d], s["loss_std"][d]) for d in train]
+        cells.append(_pm(s["in_domain"], s.get("in_domain_std")))
+        cells += [_pm(s["loss"][d], s["loss_std"][d]) for d in ood]
+        if ood and ood_mean:
+            cells.append(_pm(s["ood"], s.get("ood_std")))
+        cells.append(_pm(s.get("math_em"), s.get("math_em_std"), 3) if "math_em" in s else "–")
+        p = s.get("params") or {}
+        total, active = p.get("total"), p.get("active")
+        cells.append(f"{total / 1e6:.1f}M ({active / 1e6:.1f}M)" if total and active else "–")
+        cells.append(str(s.get("seeds", "")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     """The draft report (the lead edits it into RESULTS.md)."""
     train, ood = results["data"]["train"], results["data"]["ood"]
@@ -132,28 +161,8 @@ def markdown(results: dict) -> str:
                                  for n, m in fam["models"].items()) + ".")
     lines += ["", "## Goals (symphony, mean over seeds)", ""] + _verdict_lines(results.get("verdicts") or
                                                                             verdicts(results))
-    header = (["contender", "group"] + [f"{d}" for d in train] + ["in-domain"] + [f"{d} (OOD)" for d in ood]
-              + (["OOD mean"] if ood else []) + ["math EM", "params (active)", "seeds"])
-    lines += ["", "## Test loss (mean next-token NLL; mean ± std over seeds)", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, e in results["contenders"].items():
-        s = e.get("summary") or {}
-        if not s:
-            why = e.get("error") or e.get("skipped") or "not run"
-            lines.append(f"| `{name}` | {e.get('group', '')} | " + " | ".join(["–"] * (len(header) - 3))
-                         + f" | {why.replace('|', '/')[:120]} |")
-            continue
-        cells = [f"`{name}`", e["group"]]
-        cells += [_pm(s["loss"][d], s["loss_std"][d]) for d in train]
-        cells.append(_pm(s["in_domain"], s.get("in_domain_std")))
-        cells += [_pm(s["loss"][d], s["loss_std"][d]) for d in ood]
-        if ood:
-            cells.append(_pm(s["ood"], s.get("ood_std")))
-        cells.append(_pm(s.get("math_em"), s.get("math_em_std"), 3) if "math_em" in s else "–")
-        p = s.get("params")
-        cells.append(f"{p['total'] / 1e6:.1f}M ({p['active'] / 1e6:.1f}M)" if p else "–")
-        cells.append(str(s["seeds"]))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Test loss (mean next-token NLL; mean ± std over seeds)", ""]
+    lines += loss_table(results["contenders"], train, ood)
     lines += ["", "Contenders: " + "; ".join(f"`{n}`: {e['about']}" for n, e in results["contenders"].items()) + "."]
     current = results.get("family", {}).get("fingerprint")
     other = [n for n, e in results["contenders"].items() if e.get("family") and e["family"] != current]

@@ -4,6 +4,7 @@ Every default lives here, in the dataclass fields below; examples/build.yaml sho
 Relative paths are resolved against the folder of the YAML file (against the current folder for a config
 given as a dict). A bad key or value is a SymphonyError that names the key and the value.
 
+    preset: default              # default | paper: sets the paper's choices (PRESETS); explicit keys win
     sources:                     # >= 2 dense checkpoints of one architecture (llama, mistral, qwen2, qwen3)
       - name: general            # unique; default: the folder name
         path: ./qwen-general
@@ -44,6 +45,9 @@ given as a dict). A bad key or value is a SymphonyError that names the key and t
     device: auto
     seed: 0
 
+`preset: paper` puts PRESETS["paper"], the paper's AAAI protocol (arXiv 2509.18542; examples/build.yaml lists it),
+under the file's keys: a key the file gives wins. `preset: default` (or none): the dataclasses' defaults.
+
 Why not pydantic (what mergekit uses). The hand-written part is `_Reader` (about 60 lines: types, choices,
 unknown keys, the key path in every message) plus the section parsers. pydantic would replace the type, choice
 and unknown-key checks by declarations (Literal fields, `extra="forbid"`), about 60 lines, but what remains
@@ -55,6 +59,7 @@ of a few dozen lines it would add a hard dependency with a compiled core to ever
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -71,6 +76,16 @@ ROUTER_INIT = ("hidden", "zeros", "random")
 OUTPUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 EXPERT_LAYOUTS = ("per_expert", "fused")
 ARCHITECTURES = ("auto", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+PRESETS = {
+    "default": {},
+    "paper": {
+        "fusion": {"attention": "slerp", "t": None, "embeddings": "selective", "norms": "linear"},
+        "alignment": {"enabled": True},
+        "experts": {"per_source": 1, "top_k": 2, "shared_expert": "none", "router_init": "random"},
+        "router_training": {"train": "full", "aux_loss_coef": 0.01, "lr": 5e-5, "schedule": "constant",
+                            "warmup": 0.0, "seq_len": 2048},
+    },
+}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -130,6 +145,7 @@ class BuildConfig:
     output: OutputConfig
     device: str = "auto"
     seed: int = 0
+    preset: str = "default"
 
     @property
     def anchor_index(self) -> int:
@@ -272,11 +288,32 @@ def _sources(value, base: Path) -> list[SourceSpec]:
     return specs
 
 
+def _under(base: dict, extra: dict) -> dict:
+    """`extra` deep-merged over `base` (a section given as null keeps the base's section)."""
+    for key, value in extra.items():
+        if isinstance(base.get(key), dict) and (value is None or isinstance(value, dict)):
+            _under(base[key], value or {})
+        else:
+            base[key] = value
+    return base
+
+
+def apply_preset(data):
+    """(the mapping with its preset's keys under its own, the preset's name); SymphonyError for an unknown one."""
+    if not isinstance(data, dict):
+        return data, "default"
+    name = data.get("preset", "default")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise SymphonyError(f"preset: {name!r} is not one of {', '.join(PRESETS)}")
+    return _under(copy.deepcopy(PRESETS[name]), {k: v for k, v in data.items() if k != "preset"}), name
+
+
 def parse_config(data: dict, base_dir=None) -> BuildConfig:
     """A BuildConfig from a parsed YAML mapping; relative paths are taken from `base_dir` (default: cwd)."""
     from symphony.train import RouterTrainingConfig
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    data, preset = apply_preset(data)
     top = _Reader(data, "")
     sources = _sources(top.get("sources"), base)
     names = [s.name for s in sources]
@@ -355,7 +392,8 @@ def parse_config(data: dict, base_dir=None) -> BuildConfig:
     top.done()
 
     cfg = BuildConfig(sources=sources, anchor=anchor, fusion=fusion, alignment=alignment, experts=experts,
-                      router_training=training, router_text=router_text, output=output, device=device, seed=seed)
+                      router_training=training, router_text=router_text, output=output, device=device, seed=seed,
+                      preset=preset)
     if experts.router_init == "hidden":
         missing = [s.name for s in sources if s.name in cfg.expert_sources and not s.calibration]
         if missing:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from symphony.data import DTYPES
 
 MODES = ("router", "full")
+SCHEDULES = ("cosine", "constant")
 # Fields that a resumed run must share with the checkpoint it resumes (the others do not change the result).
 RESUME_FIELDS = ("steps", "lr", "batch_size", "seq_len", "aux_loss_coef", "train", "weight_decay", "warmup",
-                  "seed", "grad_clip")
+                  "seed", "grad_clip", "schedule")
 
 
 @dataclass
@@ -17,7 +18,8 @@ class RouterTrainingConfig:
     """Stage 2 settings. steps=0 skips stage 2 (the model is written out unchanged)."""
 
     steps: int = 200
-    lr: float = 1e-3             # peak learning rate: linear warmup, then cosine decay to lr/10
+    lr: float = 1e-3             # peak learning rate: linear warmup, then `schedule`
+    schedule: str = "cosine"     # after the warmup: "cosine" decay to lr/10, or "constant" lr
     batch_size: int = 8          # windows per step
     seq_len: int = 256           # tokens per window
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss
@@ -57,6 +59,8 @@ class RouterTrainingConfig:
         number("warmup", 0, below=1)
         for name in ("aux_loss_coef", "weight_decay", "grad_clip"):
             number(name, 0)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"router_training.schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.train not in MODES:
             raise ValueError(f"router_training.train must be one of {', '.join(MODES)}, not {self.train!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -68,5 +72,7 @@ class RouterTrainingConfig:
         warm = math.ceil(self.warmup * self.steps)
         if step < warm:
             return self.lr * (step + 1) / warm
+        if self.schedule == "constant":
+            return self.lr
         progress = (step - warm) / max(1, self.steps - warm)
         return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))

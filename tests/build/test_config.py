@@ -142,3 +142,48 @@ def test_parse_size():
     for bad in ("GB", "-1GB", 0, True, "1.5", None):
         with pytest.raises(SymphonyError, match="k: "):
             parse_size(bad, "k")
+
+
+def test_paper_preset_sets_the_papers_choices_and_explicit_keys_win(tmp_path):
+    from symphony.build.config import PRESETS
+
+    cfg = parse_config(minimal(preset="paper"), base_dir=tmp_path)
+    assert cfg.preset == "paper"
+    assert (cfg.fusion.attention, cfg.fusion.t, cfg.fusion.embeddings, cfg.fusion.norms) == \
+        ("slerp", None, "selective", "linear")
+    assert cfg.alignment.enabled is True
+    assert (cfg.experts.per_source, cfg.experts.top_k, cfg.experts.shared_expert, cfg.experts.router_init) == \
+        (1, 2, "none", "random")
+    rt = cfg.router_training
+    assert (rt.train, rt.aux_loss_coef, rt.lr, rt.schedule, rt.warmup, rt.seq_len) == \
+        ("full", 0.01, 5e-5, "constant", 0.0, 2048)
+    assert [rt.lr_at(s) for s in (0, 7, rt.steps - 1)] == [5e-5] * 3  # constant, no warmup
+    # the preset's table is not changed by parsing, and the default preset is the dataclasses' defaults
+    assert PRESETS["paper"]["router_training"]["lr"] == 5e-5 and "steps" not in PRESETS["paper"]["router_training"]
+    plain = parse_config(minimal(), base_dir=tmp_path)
+    assert plain.to_dict() == parse_config(minimal(preset="default"), base_dir=tmp_path).to_dict()
+    assert plain.router_training.train == "router" and plain.router_training.schedule == "cosine"
+    # explicit keys win; a section given as null keeps the preset's section; the resolved config re-parses
+    over = parse_config(minimal(preset="paper", alignment={"enabled": False}, experts=None,
+                                router_training={"lr": "1e-4", "seq_len": 64}), base_dir=tmp_path)
+    assert over.alignment.enabled is False and over.experts.router_init == "random"
+    assert over.router_training.lr == 1e-4 and over.router_training.seq_len == 64
+    assert over.router_training.schedule == "constant"
+    again = parse_config(over.to_dict(), base_dir=tmp_path)
+    assert again.to_dict() == over.to_dict()
+
+
+@pytest.mark.parametrize("preset", ["papers", 1, None])
+def test_unknown_preset_is_one_line(preset):
+    with pytest.raises(SymphonyError, match=r"^preset: .* is not one of default, paper$"):
+        parse_config(minimal(preset=preset))
+
+
+def test_constant_schedule_warms_up_then_stays():
+    from symphony.train import RouterTrainingConfig
+
+    cfg = RouterTrainingConfig(steps=10, lr=1e-3, warmup=0.2, schedule="constant")
+    assert [cfg.lr_at(s) for s in range(10)] == pytest.approx([5e-4, 1e-3] + [1e-3] * 8)
+    assert RouterTrainingConfig(steps=10, lr=1e-3).lr_at(9) < 1e-3  # cosine stays the default
+    with pytest.raises(ValueError, match="router_training.schedule"):
+        RouterTrainingConfig(schedule="linear")
