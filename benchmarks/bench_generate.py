@@ -20,9 +20,6 @@ the fresh processes below rebuild it from the same seed):
 3. cold: a fresh process per implementation with empty compile caches (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR
    and any --fresh-cache-env name point at new empty folders) runs its first generate() at each of
    --cold-batch-sizes in turn: wall time and tok/s of the first call at each B in that process;
-   (symphony's default compile mode, "background": a kernel variant that is not compiled yet is computed by
-   torch's batched or grouped GEMM while it compiles in a worker thread, see symphony_kernels._launch; the
-   warm phase runs in "blocking" mode, so its numbers are the kernels');
 4. compiled: a fresh process per implementation (empty caches again) generates with a static cache, which makes
    transformers compile the decode forward (torch.compile, mode "reduce-overhead" = CUDA graphs; fullgraph
    unless --no-fullgraph, falling back to fullgraph=False with the error noted): wall time of the first
@@ -30,7 +27,7 @@ the fresh processes below rebuild it from the same seed):
    tok/s (median of up to --reps calls). This is transformers' own static-cache path: every generate() call
    makes a new StaticCache (sized to the longest seen), the prefill runs uncompiled, the decode steps compiled.
 Compile modes: symphony_kernels by default serves an eager call whose kernels are still compiling with torch's
-grouped GEMM while they compile in the background. Phases 1 and 2 (and the warm timing of phase 4) run with
+batched or grouped GEMM while they compile in the background. Phases 1 and 2 (and the warm timing of phase 4) run with
 blocking compiles, so that they time the kernels; the first calls of phases 3 and 4 run in the mode a new
 process starts in (SYMPHONY_COMPILE, default "background": what a user gets), recorded as `compile_mode`.
 Also checked: the first experts layer's output under each implementation against grouped_mm's on the same input.
@@ -233,9 +230,6 @@ def run_in_process(name, args, budget, results, reserve):
         f"{results['models'][name]['build_s']:.1f} s")
     check_ids = gm.prompt_ids(spec["vocab"], 1, 16, args.device, seed=99)
     reference = None
-    import symphony_kernels
-
-    symphony_kernels.set_compile_mode("blocking")  # warm cells time the kernels, never the compile-time fallback
     for impl in impls:
         model.set_experts_implementation(impl)
         check = {"model": name, "impl": impl}
