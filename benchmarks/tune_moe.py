@@ -3,10 +3,11 @@
     python benchmarks/tune_moe.py --out DIR [--phase fwd|bwd|all] [--jobs N]
 
 Each candidate configuration is forced through `symphony_kernels._configs.OVERRIDE` and timed on its own
-(the forward GEMMs through `_experts_launch.up_gemm` / `_experts_launch._down_gemm`; the backward kernels through
+(the forward GEMMs through `_experts_launch.up_gemm` / `_experts_launch.down_gemm`; the backward kernels through
 `_experts_launch.experts_backward` with one gradient asked at a time, minus the shared d(inter) GEMM). Compilation
 runs first in N worker processes (filling Triton's cache), then one process times everything.
-Writes DIR/tune_<phase>.json and prints, last, the best configurations as `_configs.TABLE` entries.
+Writes DIR/tune_<phase>.json and prints, last, the best configuration per (kernel, shape class, N, K): the
+points that `_configs.rule`'s size thresholds are fitted to.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_moe import SHAPES  # noqa: E402  (this folder is on sys.path when the script runs)
-from symphony_kernels._configs import Config, shape_class  # noqa: E402
+from symphony_kernels._configs import Config, rule, shape_class  # noqa: E402
 FWD_CASES = [("mixtral-8x7b", 1), ("mixtral-8x7b", 64), ("mixtral-8x7b", 512), ("mixtral-8x7b", 4096),
              ("mixtral-8x7b", 16384), ("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 512),
              ("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 16384), ("qwen2-0.5b-x4", 1), ("qwen2-0.5b-x4", 64),
@@ -79,12 +80,10 @@ def fwd_calls(name, T):
     x, gu, dn, w, ids, off, srt = problem(name, T)
     d, f, E, k = SHAPES[name]
     S = T * k
-    decode = __import__("symphony_kernels._configs", fromlist=["x"]).decode_mode(S, E)
     inter, _ = X.up_gemm(x, gu, w, ids, off, srt, "silu", False)
     return {
         "up": lambda: X.up_gemm(x, gu, w, ids, off, srt, "silu", False),
-        "down": lambda: X._down_gemm(inter, dn, dn.stride(1), dn.stride(2), w, ids, off, srt, S, E, d, f, False,
-                                     "down", False, decode),
+        "down": lambda: X.down_gemm(inter, dn, w, ids, off, srt, S, E, d, f),
     }
 
 
@@ -187,7 +186,7 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
     (args.out / f"tune_{args.phase}.json").write_text(json.dumps(rows, indent=1))
     print(f"swept in {time.time() - t0:.0f} s", flush=True)
-    # best config per (kernel, shape, T), then per TABLE key (kernel, class, N, K) by summed relative time
+    # best config per (kernel, shape, T), then per (kernel, class, N, K) by summed relative time
     best = {}
     for r in rows:
         for kern, cfg in r["configs"].items():
@@ -206,11 +205,10 @@ def main(argv=None):
         for ms, cfg in lst:
             per_key.setdefault(key, {}).setdefault(cfg, 0.0)
             per_key[key][cfg] += ms / lst[0][0]
-    print("\nTABLE = {")
+    print("\nbest per (kernel, class, N, K), against _configs.rule:")
     for key, scores in per_key.items():
         cfg = min(scores, key=scores.get)
-        print(f"    {key!r}: Config{cfg[:6]!r},")
-    print("}")
+        print(f"    {key!r}: Config{cfg[:6]!r}  (rule: {tuple(rule(*key))[:6]})")
 
 
 if __name__ == "__main__":

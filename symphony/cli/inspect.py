@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from symphony.data import (check_model_dir, check_seq_len, checkpoint_files, load_config, load_model, load_tokenizer,
-                           read_texts, resolve_device, resolve_dtype, write_json)
-from symphony.errors import SymphonyError
+from symphony.cli.model_options import add_model_options, check_model_options
+from symphony.data import check_seq_len, load_config, load_model, load_tokenizer, read_texts, write_json
 from symphony.evaluate import REPORT, config_summary, expert_load, moe_shape, read_report, source_load
-from symphony.outputs import check_output_file
 
 HELP = "summarise a built model: config, expert load, alignment report"
 
@@ -46,21 +44,11 @@ def _scalar(value) -> str:
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("model", help="model folder (a transformers checkpoint, e.g. the output of `symphony build`)")
     parser.add_argument("--text", nargs="+", metavar="FILE", help="measure the expert load on these text files")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
-                                                        "bfloat16, float16")
-    parser.add_argument("--json", metavar="OUT", help="also write everything shown as JSON to OUT")
+    add_model_options(parser, json_help="also write everything shown as JSON to OUT")
 
 
 def run(args) -> int:
-    if args.seq_len < 2 or args.batch_size < 1:
-        raise SymphonyError("--seq-len must be at least 2 and --batch-size at least 1")
-    model_dir = check_model_dir(args.model)
-    resolve_dtype(args.dtype, resolve_device(args.device))
-    if args.json is not None:
-        check_output_file(args.json, checkpoint_files(model_dir) + [("text file", t) for t in args.text or []])
+    model_dir = check_model_options(args)
     summary = config_summary(model_dir)
     report = read_report(model_dir)
     texts = read_texts(args.text) if args.text else None
