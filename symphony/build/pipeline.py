@@ -32,6 +32,7 @@ from symphony.build.report import build_report
 from symphony.build.router_init import hidden_centroids, router_from_centroids, router_weights
 from symphony.errors import SymphonyError
 from symphony.outputs import check_output_dir, make_tmp, publish
+from symphony.train.launch import check_nproc, launch
 
 
 def alignment_decision(cfg: BuildConfig) -> tuple[bool, str]:
@@ -231,8 +232,9 @@ def _routers(cfg: BuildConfig, c: _Checked, progress: bool):
                           std=getattr(anchor.config, "initializer_range", 0.02), hidden_rows=rows)
 
 
-def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dict:
+def build(config, out_dir, *, force: bool = False, progress: bool = True, nproc: int = 1) -> dict:
     """Build a Symphony-MoE checkpoint into `out_dir` from `config` (a BuildConfig, a dict or a YAML path).
+    `nproc` > 1 runs stage 2 on that many processes of this machine (symphony.train.launch: FSDP2).
 
     Returns {"out", "architecture", "num_experts", "top_k", "expert_sources", "alignment" ({"ran", "reason", "passes",
     "table"}), "stage2" (train_router's summary without the per-step losses, or None), "timings_s",
@@ -245,6 +247,7 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dic
     start = time.perf_counter()
     cfg = _as_config(config)
     out_dir = Path(out_dir).absolute()
+    check_nproc(nproc, cfg.router_training.device)
     timings = {}
     c = _checks(cfg, out_dir, force)
     tmp = make_tmp(out_dir)
@@ -278,8 +281,12 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True) -> dic
 
             t = time.perf_counter()
             memory.stage("stage2")
-            summary = train_router(stage1, c.train_texts, cfg.router_training, tmp / "model",
-                                   checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
+            if nproc > 1:
+                summary = launch(stage1, cfg.training_files(), cfg.router_training, tmp / "model", nproc=nproc,
+                                 checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
+            else:
+                summary = train_router(stage1, c.train_texts, cfg.router_training, tmp / "model",
+                                       checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
             shutil.rmtree(stage1)
             timings["stage2"] = time.perf_counter() - t
             stage2 = {k: v for k, v in summary.items() if k != "losses"}
