@@ -247,7 +247,7 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True, nproc:
     start = time.perf_counter()
     cfg = _as_config(config)
     out_dir = Path(out_dir).absolute()
-    check_nproc(nproc, cfg.router_training.device)
+    check_nproc(nproc, cfg.router_training)
     timings = {}
     c = _checks(cfg, out_dir, force)
     tmp = make_tmp(out_dir)

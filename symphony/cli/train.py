@@ -86,7 +86,7 @@ def format_summary(s: dict, out) -> str:
 
 def run(args) -> int:
     cfg = training_config(args)
-    check_nproc(args.nproc, cfg.device)
+    check_nproc(args.nproc, cfg)
     check_model_dir(args.model)
     read_texts(args.text)
     out = Path(args.out).absolute()

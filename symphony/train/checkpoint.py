@@ -19,9 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 META = "meta.pt"
 
@@ -54,6 +51,8 @@ def _quiet():
 
 
 def _state(model, optimizer, names) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     params = get_model_state_dict(model)
     with warnings.catch_warnings():  # DCP's state-dict helpers warn about FSDP1-era options that are not used here
         warnings.simplefilter("ignore", FutureWarning)
@@ -64,6 +63,8 @@ def _state(model, optimizer, names) -> dict:
 def save(folder: Path, model, optimizer, names: list[str], meta: dict):
     """Save the trainable parameters `names` of `model`, `optimizer`'s state and `meta` (with its "step") as
     folder/step-N (collective: every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
     folder = Path(folder)
     final = folder / f"step-{meta['step']:09d}"
     tmp = folder / f".{final.name}.tmp"
@@ -91,6 +92,9 @@ def read_meta(path: Path) -> dict:
 
 def load(path: Path, model, optimizer, names: list[str]):
     """Load checkpoint `path` into `model`'s parameters `names` and `optimizer` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     state = _state(model, optimizer, names)
     with _quiet():
         dcp.load(state, checkpoint_id=Path(path), no_dist=not _distributed())

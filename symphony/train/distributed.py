@@ -43,6 +43,7 @@ from symphony.errors import SymphonyError
 from symphony.evaluate import moe_shape
 from symphony.train import checkpoint
 from symphony.train.config import RouterTrainingConfig
+from symphony.train.launch import check_batch_split
 from symphony.train.loop import (_train_step, batch_indices, checkpoint_meta, final_load, prepare, resume_from,
                                  run_steps, summary, trainable_parameters, untrained)
 from symphony.train.save import write_model
@@ -150,9 +151,7 @@ def _train(model_dir, texts, cfg, out_dir, device, resume, checkpoint_dir, progr
                                                                         checkpoint_dir)
     if cfg.steps == 0:
         return untrained(model_dir, out_dir) if rank == 0 else {}
-    if cfg.batch_size % world:
-        raise SymphonyError(f"batch_size={cfg.batch_size} is not a multiple of the {world} processes: each takes "
-                            "an equal slice of every batch")
+    check_batch_split(cfg.batch_size, world)
     model = load_sharded(model_dir, device, dtype)
     num_experts, top_k = moe_shape(model.config)
     trainable = trainable_parameters(model, cfg.train)

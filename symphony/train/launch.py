@@ -32,13 +32,23 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_nproc(nproc, device: str = "auto"):
-    """A one-line error when `nproc` processes cannot run here (not a positive integer; more than the GPUs)."""
+def check_nproc(nproc, cfg: RouterTrainingConfig):
+    """A one-line error when stage 2 (`cfg`) cannot run on `nproc` processes here: not a positive integer,
+    more processes than GPUs, a batch that does not split evenly over them."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise SymphonyError(f"--nproc must be a positive integer, not {nproc!r}")
-    if nproc > 1 and device in ("auto", "cuda") and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+    if nproc == 1 or cfg.steps == 0:
+        return
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise SymphonyError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPUs (one process each); "
                             "use --device cpu for CPU processes")
+    check_batch_split(cfg.batch_size, nproc)
+
+
+def check_batch_split(batch_size: int, nproc: int):
+    if batch_size % nproc:
+        raise SymphonyError(f"batch_size={batch_size} is not a multiple of the {nproc} processes: each takes an "
+                            "equal slice of every batch")
 
 
 def command(model_dir, text_files, out_dir, nproc: int, settings: Path, summary: Path, *, resume=False,
@@ -55,7 +65,7 @@ def launch(model_dir, text_files, cfg: RouterTrainingConfig, out_dir, *, nproc: 
            checkpoint_dir=None, force: bool = False, progress: bool = True) -> dict:
     """Stage 2 (`cfg`) of the MoE in `model_dir` on the texts in `text_files`, on `nproc` processes, written
     to `out_dir`; returns the summary of symphony.train.train_router. SymphonyError when the run fails."""
-    check_nproc(nproc, cfg.device)
+    check_nproc(nproc, cfg)
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
