@@ -14,10 +14,10 @@ multiple of W); the router and the shared expert are replicated. Each rank passe
 
 The routing weights never leave their rank, so the gradient of the router is local. Forward and backward:
 the hidden states travel through `torch.distributed.all_to_all_single` inside an autograd Function whose
-backward is the reverse exchange (torch.distributed.nn.functional's differentiable one is deprecated in
-torch 2.13), so the gradient of every pair's result flows back to the rank and token it came from. Equal to the one-process `SymphonyMoE` (float32 within 1e-5,
-tests/nn/test_ep.py), with uneven loads and ranks that receive no pair (their experts' gradients are exact
-zeros).
+backward is the reverse exchange (torch.distributed.nn.functional's differentiable one is deprecated in torch
+2.13), so the gradient of every pair's result flows back to the rank and token it came from. Equal to the
+one-process `SymphonyMoE` (float32 within 1e-5, tests/nn/test_ep.py), with uneven loads and ranks that
+receive no pair (their experts' gradients are exact zeros).
 
 Gradients: rank r's expert weights get the gradient of the *sum* of every rank's loss (each rank's backward
 sends its pairs' gradients back to the expert's owner); the replicated router and shared expert get the
@@ -33,7 +33,9 @@ all-reduce of [T, d]). That is tensor parallelism over experts: no token moves, 
 data parallelism where each rank has its own batch, which is what an all_to_all dispatch is for. The
 transformers integration does fit as the local compute of that plan: the "symphony" experts implementation
 (symphony.nn.hf) treats the sentinel ids (outside [0, E_local)) as dropped pairs, as transformers' grouped_mm
-does.
+does: `from_pretrained(path, experts_implementation="symphony", distributed_config=DistributedConfig(
+enable_expert_parallel=True, tp_plan="auto"))` under torchrun gives the one-process logits (tests/nn/test_ep.py;
+transformers needs the accelerate package to load with a tp_plan, and the test is skipped without it).
 """
 from __future__ import annotations
 
@@ -98,8 +100,9 @@ class ExpertParallelMoE(nn.Module):
         self.train(moe.training)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, local experts [{self.first_expert}, "
-                f"{self.first_expert + self.num_local_experts}) on rank {self.rank} of {self.world}, top_k={self.top_k}")
+        last = self.first_expert + self.num_local_experts
+        return (f"num_experts={self.num_experts}, local experts [{self.first_expert}, {last}) on rank {self.rank} "
+                f"of {self.world}, top_k={self.top_k}")
 
     load_balancing_loss = SymphonyMoE.load_balancing_loss
 
