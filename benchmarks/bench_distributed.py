@@ -29,7 +29,6 @@ DIR/bench_distributed.md. --quick: 2 warmup + 5 timed train steps, 5 + 20 EP ste
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -41,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import (build_model, gib, log, moe_config, optimizer_for, param_counts,  # noqa: E402
-                                    random_batches, synchronize, time_steps, training_step)
+from benchmarks.bench_train import (build_model, finish, free, gib, log, moe_config, optimizer_for,  # noqa: E402
+                                    param_counts, random_batches, synchronize, time_steps, training_step)
 
 EP_SHAPE = (2048, 768, 128, 8)  # Qwen3-30B-A3B: d, f (per expert), E, k
 TINY_EP_SHAPE = (32, 16, 8, 2)
@@ -78,9 +77,7 @@ def train_part(args, device) -> dict:
     counts = param_counts(model)
     if world > 1:
         shard(model, dtype)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
     import symphony  # noqa: F401 - registers experts_implementation="symphony"
 
     model.set_experts_implementation("symphony")
@@ -112,7 +109,7 @@ def ep_part(args, device) -> list[dict]:
     layer = SymphonyMoE(d, f, E, k, dtype=dtype, device=device)
     if world > 1:
         layer = ExpertParallelMoE(layer)
-    gc.collect()
+    free(device)
     rows = []
     for T in args.tokens:
         g = torch.Generator(device=device).manual_seed(100 + rank)
@@ -148,9 +145,7 @@ def run_parts(args, device) -> dict:
     out = {}
     if "train" in args.parts:
         out["train"] = train_part(args, device)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free(device)
     if "ep" in args.parts:
         out["ep"] = ep_part(args, device)
     return out
@@ -283,18 +278,10 @@ def main(argv=None):
         for r in part.get("ep", []):
             results["ep"].append(r)
             log(f"  ep T={r['T_per_gpu']}: {r['ms']:.3f} ms, {r['tokens_per_s']:.0f} tokens/s")
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free(device)
         (args.out / "bench_distributed.json").write_text(json.dumps(results, indent=1))
     results["scaling"] = scaling(results["train"], args.tiny)
-    results["seconds"] = time.time() - t0
-    (args.out / "bench_distributed.json").write_text(json.dumps(results, indent=1))
-    text = table(results)
-    (args.out / "bench_distributed.md").write_text(text + "\n")
-    log("")
-    log(text)
-    return results
+    return finish(args.out, "bench_distributed", results, t0, table)
 
 
 if __name__ == "__main__":

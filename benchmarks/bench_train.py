@@ -54,6 +54,23 @@ def gib(n) -> str:
     return f"{n / 2**30:.1f} GiB" if n else "–"
 
 
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def finish(out: Path, name: str, results: dict, started: float, text_of) -> dict:
+    """Write OUT/NAME.json and OUT/NAME.md (the table `text_of(results)`) and print the table."""
+    results["seconds"] = time.time() - started
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    text = text_of(results)
+    (out / f"{name}.md").write_text(text + "\n")
+    log("")
+    log(text)
+    return results
+
+
 def moe_config(size: str, num_sources: int = 4, top_k: int = 2):
     """The config `symphony build` gives `num_sources` Qwen2.5 sources of `size` (bf16 checkpoints)."""
     from transformers import Qwen2Config
@@ -166,13 +183,9 @@ def bench_size(size, args, device, results):
         results.append(row)
         log(f"  {impl}: " + (f"{row['tokens_per_s']:.0f} tokens/s, peak {gib(row['peak_bytes'])}"
                              if "tokens_per_s" in row else row.get("skipped") or row.get("error")))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free(device)
     del model, optimizer, step
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
 
 
 def table(results: dict) -> str:
@@ -221,13 +234,7 @@ def main(argv=None):
     for size in (["tiny"] if args.tiny else args.sizes):
         bench_size(size, args, device, results["rows"])
         (args.out / "bench_train.json").write_text(json.dumps(results, indent=1))
-    results["seconds"] = time.time() - t0
-    (args.out / "bench_train.json").write_text(json.dumps(results, indent=1))
-    text = table(results)
-    (args.out / "bench_train.md").write_text(text + "\n")
-    log("")
-    log(text)
-    return results
+    return finish(args.out, "bench_train", results, t0, table)
 
 
 if __name__ == "__main__":

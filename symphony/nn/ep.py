@@ -44,7 +44,6 @@ import torch.distributed as dist
 from torch import nn
 
 import symphony_kernels as sk
-from symphony.nn.cast import compute_dtype_cast
 from symphony.nn.moe import SymphonyMoE
 
 
@@ -105,23 +104,14 @@ class ExpertParallelMoE(nn.Module):
                 f"of {self.world}, top_k={self.top_k}")
 
     load_balancing_loss = SymphonyMoE.load_balancing_loss
+    _prepare, _finish = SymphonyMoE._prepare, SymphonyMoE._finish
 
     def _exchange(self, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
         return _AllToAll.apply(rows, send, recv, self.group)
 
     def forward(self, hidden_states: torch.Tensor, return_router_logits: bool = False):
-        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
-            raise TypeError("hidden_states must be a floating-point tensor")
-        if hidden_states.dim() < 1 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states must have shape [..., {self.hidden_size}], "
-                             f"not {tuple(hidden_states.shape)}")
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, self.hidden_size)
-        if self.training and self.router_jitter_noise > 0:
-            j = self.router_jitter_noise
-            x = x * torch.empty_like(x).uniform_(1.0 - j, 1.0 + j)
-        xc, (gate_up, down) = compute_dtype_cast(x, self.gate_up_proj, self.down_proj)
-        router_logits = self.router(x)
+        # 1. checks, jitter, compute dtype and routing as SymphonyMoE's
+        shape, x, xc, (gate_up, down), router_logits = self._prepare(hidden_states)
         plan = sk.route(router_logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize)
         k = self.top_k
 
@@ -146,8 +136,4 @@ class ExpertParallelMoE(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         pairs = back.index_select(0, inverse)
         out = (plan.topk_weights.float()[..., None] * pairs.view(-1, k, self.hidden_size).float()).sum(1)
-        out = out.to(x.dtype)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        out = out.reshape(shape)
-        return (out, router_logits) if return_router_logits else out
+        return self._finish(out.to(x.dtype), x, shape, router_logits, return_router_logits)

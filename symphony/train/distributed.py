@@ -40,12 +40,11 @@ from torch.distributed.tensor import DTensor
 
 from symphony.data import experts_implementation, load_config, load_model, quiet_zero_size_init, resolve_device
 from symphony.errors import SymphonyError
-from symphony.evaluate import moe_shape
 from symphony.train import checkpoint
 from symphony.train.config import RouterTrainingConfig
 from symphony.train.launch import check_batch_split
-from symphony.train.loop import (_train_step, batch_indices, checkpoint_meta, final_load, prepare, resume_from,
-                                 run_steps, summary, trainable_parameters, untrained)
+from symphony.train.loop import (_train_step, batch_indices, final_load, prepare, run_steps, saver, start_training,
+                                 summary, untrained)
 from symphony.train.save import write_model
 
 
@@ -153,35 +152,20 @@ def _train(model_dir, texts, cfg, out_dir, device, resume, checkpoint_dir, progr
         return untrained(model_dir, out_dir) if rank == 0 else {}
     check_batch_split(cfg.batch_size, world)
     model = load_sharded(model_dir, device, dtype)
-    num_experts, top_k = moe_shape(model.config)
-    trainable = trainable_parameters(model, cfg.train)
-    if not trainable:
-        raise SymphonyError(f"no router found in {model_dir} ({type(model).__name__})")
-    model.requires_grad_(False)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    params = list(trainable.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    torch.manual_seed(cfg.seed)
-    start, losses = resume_from(folder, resume, list(trainable), settings, model, optimizer, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    model.train()
+    run = start_training(model, model_dir, cfg, folder, resume, settings, device, dtype)
     share = cfg.batch_size // world
 
     def step_fn(step):
         batch = batch_indices(step, cfg.batch_size, len(data), cfg.seed)[rank * share:(rank + 1) * share]
-        return _train_step(model, data[batch].to(device), optimizer, params, cfg, step, autocast, top_k,
-                           dist.group.WORLD)
+        return _train_step(model, data[batch].to(device), run.optimizer, run.params, cfg, step, run.autocast,
+                           run.top_k, dist.group.WORLD)
 
-    def save(step, losses):
-        checkpoint.save(folder, model, optimizer, list(trainable), checkpoint_meta(step, settings, losses, device))
-
-    run_steps(step_fn, cfg, start, losses, num_experts, progress=progress and rank == 0, save=save)
-    load = final_load(model, data, cfg.batch_size, top_k, num_experts, device, autocast)
-    trained = gather(trainable, stored_dtype(load_config(model_dir)))
-    total = sum(p.numel() for p in params)
-    del model, optimizer, params, trainable
+    run_steps(step_fn, cfg, run.start, run.losses, run.num_experts, progress=progress and rank == 0,
+              save=saver(folder, model, run, settings, device))
+    load = final_load(model, data, cfg.batch_size, run.top_k, run.num_experts, device, run.autocast)
+    trained = gather(run.trainable, stored_dtype(load_config(model_dir)))
+    total, losses = sum(p.numel() for p in run.params), run.losses
+    del model, run
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if rank == 0:

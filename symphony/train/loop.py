@@ -27,6 +27,7 @@ import sys
 import zlib
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -165,6 +166,29 @@ def resume_from(folder: Path, resume: bool, names, settings: dict, model, optimi
     return meta["step"], list(meta["losses"])
 
 
+def start_training(model, model_dir, cfg: RouterTrainingConfig, folder: Path, resume: bool, settings: dict,
+                   device, dtype) -> SimpleNamespace:
+    """The trainable parameters (as float32 master weights), AdamW, the seed, the resumed step and losses and
+    the autocast context of a stage-2 run of `model`; the rest of the model frozen, in training mode."""
+    num_experts, top_k = moe_shape(model.config)
+    trainable = trainable_parameters(model, cfg.train)
+    if not trainable:
+        raise SymphonyError(f"no router found in {model_dir} ({type(model).__name__})")
+    model.requires_grad_(False)
+    for p in trainable.values():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+        p.requires_grad_(True)
+    params = list(trainable.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(cfg.seed)
+    start, losses = resume_from(folder, resume, list(trainable), settings, model, optimizer, device)
+    model.train()
+    return SimpleNamespace(num_experts=num_experts, top_k=top_k, trainable=trainable, params=params,
+                           optimizer=optimizer, start=start, losses=losses,
+                           autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32))
+
+
 def run_steps(step_fn, cfg: RouterTrainingConfig, start: int, losses: list, num_experts: int, *, progress: bool,
               save=None):
     """Steps start..cfg.steps-1 of `step_fn(step) -> (loss, lm, aux, counts)` with a progress bar and a log
@@ -192,11 +216,14 @@ def run_steps(step_fn, cfg: RouterTrainingConfig, start: int, losses: list, num_
         bar.close()
 
 
-def checkpoint_meta(step: int, settings: dict, losses: list, device) -> dict:
-    meta = {"step": step, "settings": settings, "losses": list(losses), "rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        meta["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return meta
+def saver(folder: Path, model, run: SimpleNamespace, settings: dict, device):
+    """save(step, losses) for run_steps: a checkpoint of `run`'s trainable parameters and optimizer."""
+    def save(step, losses):
+        meta = {"step": step, "settings": settings, "losses": list(losses), "rng": torch.get_rng_state()}
+        if device.type == "cuda":
+            meta["cuda_rng"] = torch.cuda.get_rng_state(device)
+        checkpoint.save(folder, model, run.optimizer, list(run.trainable), meta)
+    return save
 
 
 @torch.no_grad()
@@ -229,33 +256,18 @@ def train_router(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir
     if cfg.steps == 0:
         return untrained(model_dir, out_dir)
     model = load_model(model_dir, device=device, dtype=dtype)
-    num_experts, top_k = moe_shape(model.config)
-    trainable = trainable_parameters(model, cfg.train)
-    if not trainable:
-        raise SymphonyError(f"no router found in {model_dir} ({type(model).__name__})")
-    model.requires_grad_(False)
-    for p in trainable.values():
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    params = list(trainable.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    torch.manual_seed(cfg.seed)
-    start, losses = resume_from(folder, resume, list(trainable), settings, model, optimizer, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    model.train()
+    run = start_training(model, model_dir, cfg, folder, resume, settings, device, dtype)
 
     def step_fn(step):
         batch = data[batch_indices(step, cfg.batch_size, len(data), cfg.seed)].to(device)
-        return _train_step(model, batch, optimizer, params, cfg, step, autocast, top_k)
+        return _train_step(model, batch, run.optimizer, run.params, cfg, step, run.autocast, run.top_k)
 
-    def save(step, losses):
-        checkpoint.save(folder, model, optimizer, list(trainable), checkpoint_meta(step, settings, losses, device))
-
-    run_steps(step_fn, cfg, start, losses, num_experts, progress=progress, save=save)
-    load = final_load(model, data, cfg.batch_size, top_k, num_experts, device, autocast)
-    trained = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}  # not views of the mmapped file
-    del model, optimizer, params, trainable
+    run_steps(step_fn, cfg, run.start, run.losses, run.num_experts, progress=progress,
+              save=saver(folder, model, run, settings, device))
+    load = final_load(model, data, cfg.batch_size, run.top_k, run.num_experts, device, run.autocast)
+    trained = {n: p.detach().to("cpu", copy=True) for n, p in run.trainable.items()}  # not views of the mmapped file
+    losses = run.losses
+    del model, run
     if device.type == "cuda":
         torch.cuda.empty_cache()
     write_model(model_dir, out_dir, trained, cfg.train)

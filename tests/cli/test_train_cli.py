@@ -81,7 +81,7 @@ def test_bad_model_output_and_launch(moe, tmp_path, capsys, monkeypatch):
     rc, _, err = run(capsys, "train", model, "--text", text, "--out", tmp_path / "out")
     assert rc == 1 and "already exists (use --force" in err
     monkeypatch.setenv("WORLD_SIZE", "2")
-    rc, _, err = run(capsys, "train", model, "--text", text, "--out", tmp_path / "new", "--nproc", "2", "--device", "cpu")
+    rc, _, err = run(capsys, "train", model, "--text", text, "--out", tmp_path / "new", "--nproc", 2, "--device", "cpu")
     assert rc == 1 and "do not combine it with torchrun" in err
 
 

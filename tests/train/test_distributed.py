@@ -38,7 +38,8 @@ def _random_moe(path, tokenizer):
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2MoeConfig(vocab_size=len(tokenizer), **TINY, **CONFIGS["qwen2_moe"][1]))
+    config = Qwen2MoeConfig(vocab_size=len(tokenizer), **TINY, **CONFIGS["qwen2_moe"][1])
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
