@@ -40,8 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import (build_model, finish, free, gib, log, moe_config, optimizer_for,  # noqa: E402
-                                    param_counts, random_batches, synchronize, time_steps, training_step)
+from benchmarks.bench_train import (build_model, finish, free, gib, moe_config, optimizer_for,  # noqa: E402
+                                    param_counts, random_batches, time_steps, training_step)
+from benchmarks.run_info import header, log, sync, write_json  # noqa: E402
 
 EP_SHAPE = (2048, 768, 128, 8)  # Qwen3-30B-A3B: d, f (per expert), E, k
 TINY_EP_SHAPE = (32, 16, 8, 2)
@@ -125,11 +126,11 @@ def ep_part(args, device) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.ep_warmup):
             step()
-        synchronize(device)
+        sync(device.type)
         t0 = time.perf_counter()
         for _ in range(args.ep_steps):
             step()
-        synchronize(device)
+        sync(device.type)
         ms = (time.perf_counter() - t0) / args.ep_steps * 1e3
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         ranks = _gather({"ms": ms, "peak_bytes": peak})
@@ -258,9 +259,7 @@ def main(argv=None):
         raise SystemExit("bench_distributed.py needs CUDA devices (or --device cpu --tiny)")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-               "command": " ".join(["python", "benchmarks/bench_distributed.py", *argv]), "train": [], "ep": [],
-               "errors": []}
+    results = {**header(device.type, argv), "train": [], "ep": [], "errors": []}
     available = torch.cuda.device_count() if device.type == "cuda" else os.cpu_count() or 1
     for n in args.gpus:
         if n > available and device.type == "cuda":
@@ -279,7 +278,7 @@ def main(argv=None):
             results["ep"].append(r)
             log(f"  ep T={r['T_per_gpu']}: {r['ms']:.3f} ms, {r['tokens_per_s']:.0f} tokens/s")
         free(device)
-        (args.out / "bench_distributed.json").write_text(json.dumps(results, indent=1))
+        write_json(args.out / "bench_distributed.json", results)
     results["scaling"] = scaling(results["train"], args.tiny)
     return finish(args.out, "bench_distributed", results, t0, table)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.run_info import header, log, sync, write_json  # noqa: E402
 
 # Qwen2.5 source shapes (their config.json): hidden, FFN, layers, heads, KV heads, vocabulary, tied embeddings
 SOURCES = {
@@ -46,10 +47,6 @@ IMPLS = ("symphony", "grouped_mm", "batched_mm")
 BATCHED_MM_MAX_BYTES = 8 << 30
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
 def gib(n) -> str:
     return f"{n / 2**30:.1f} GiB" if n else "–"
 
@@ -63,7 +60,7 @@ def free(device):
 def finish(out: Path, name: str, results: dict, started: float, text_of) -> dict:
     """Write OUT/NAME.json and OUT/NAME.md (the table `text_of(results)`) and print the table."""
     results["seconds"] = time.time() - started
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    write_json(out / f"{name}.json", results)
     text = text_of(results)
     (out / f"{name}.md").write_text(text + "\n")
     log("")
@@ -121,11 +118,6 @@ def optimizer_for(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.numel()], lr=1e-5)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step, batches, warmup: int, device) -> dict:
     """Run `warmup` then the remaining batches through `step`: seconds of the timed ones, peak memory, losses."""
     if device.type == "cuda":
@@ -133,11 +125,11 @@ def time_steps(step, batches, warmup: int, device) -> dict:
     losses = []
     for i, batch in enumerate(batches[:warmup]):
         losses.append(step(batch, i)[0])
-    synchronize(device)
+    sync(device.type)
     t0 = time.perf_counter()
     for i, batch in enumerate(batches[warmup:], start=warmup):
         losses.append(step(batch, i)[0])
-    synchronize(device)
+    sync(device.type)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"seconds": seconds, "peak_bytes": peak, "losses": losses}
@@ -225,15 +217,11 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA device (or --device cpu --tiny)")
     args.out.mkdir(parents=True, exist_ok=True)
-    import transformers
-
     t0 = time.time()
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "transformers": transformers.__version__,
-               "command": " ".join(["python", "benchmarks/bench_train.py", *(argv or sys.argv[1:])]), "rows": []}
+    results = {**header(device.type, sys.argv[1:] if argv is None else argv), "rows": []}
     for size in (["tiny"] if args.tiny else args.sizes):
         bench_size(size, args, device, results["rows"])
-        (args.out / "bench_train.json").write_text(json.dumps(results, indent=1))
+        write_json(args.out / "bench_train.json", results)
     return finish(args.out, "bench_train", results, t0, table)
 
 

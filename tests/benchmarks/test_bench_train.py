@@ -52,14 +52,19 @@ def test_paper_scale_follows_the_measurement():
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 def test_bench_distributed_tiny_on_1_and_2_processes(tmp_path, monkeypatch):
-    """1 process here, 2 through the script's own torchrun launch (its children on the CPU reference kernels)."""
+    """1 process here, 2 through the script's own torchrun launch (its children on the CPU reference kernels,
+    without Triton's interpreter)."""
     from benchmarks import bench_distributed
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    bench_distributed.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
-                            "--micro-batch", "2", "--seq-len", "16", "--tokens", "24"])
-    results = json.loads((tmp_path / "bench_distributed.json").read_text())
-    assert not results["errors"]
+    args = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--micro-batch", "2", "--seq-len", "16",
+            "--tokens", "24"]
+    results = bench_distributed.main(["--out", str(tmp_path / "one"), "--gpus", "1", *args])
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET", raising=False)
+        two = bench_distributed.main(["--out", str(tmp_path), "--gpus", "2", *args])
+    assert not results["errors"] and not two["errors"]
+    results["train"] += two["train"]
+    results["ep"] += two["ep"]
     assert [r["nproc"] for r in results["train"]] == [1, 2] and [r["nproc"] for r in results["ep"]] == [1, 2]
     one, two = results["train"]
     assert one["params"] == two["params"] and two["tokens_per_s"] > 0
