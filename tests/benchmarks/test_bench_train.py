@@ -56,7 +56,7 @@ def test_bench_distributed_tiny_on_1_and_2_processes(tmp_path, monkeypatch):
     without Triton's interpreter)."""
     from benchmarks import bench_distributed
 
-    args = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--micro-batch", "2", "--seq-len", "16",
+    args = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--micro-batch", "2", "--seq-len", "16",
             "--tokens", "24"]
     results = bench_distributed.main(["--out", str(tmp_path / "one"), "--gpus", "1", *args])
     with monkeypatch.context() as m:
