@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import (build_model, finish, free, gib, moe_config, optimizer_for,  # noqa: E402
                                     param_counts, random_batches, time_steps, training_step)
-from benchmarks.run_info import header, log, sync, write_json  # noqa: E402
+from benchmarks.run_info import blocking_compiles, header, log, sync, write_json  # noqa: E402
 
 EP_SHAPE = (2048, 768, 128, 8)  # Qwen3-30B-A3B: d, f (per expert), E, k
 TINY_EP_SHAPE = (32, 16, 8, 2)
@@ -142,6 +142,7 @@ def ep_part(args, device) -> list[dict]:
     return rows
 
 
+@blocking_compiles()
 def run_parts(args, device) -> dict:
     out = {}
     if "train" in args.parts:
