@@ -33,7 +33,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _rank() -> int:
+def rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
@@ -68,14 +68,14 @@ def save(folder: Path, model, optimizer, names: list[str], meta: dict):
     folder = Path(folder)
     final = folder / f"step-{meta['step']:09d}"
     tmp = folder / f".{final.name}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     with _quiet():
         dcp.save(_state(model, optimizer, names), checkpoint_id=tmp, no_dist=not _distributed())
     _barrier()
-    if _rank() == 0:
+    if rank() == 0:
         old = checkpoints(folder)
         torch.save({**meta, "names": list(names)}, tmp / META)
         shutil.rmtree(final, ignore_errors=True)
@@ -105,7 +105,7 @@ def load(path: Path, model, optimizer, names: list[str]):
 def remove_all(folder: Path):
     """Delete every checkpoint in `folder` (rank 0), and the folder once it is empty."""
     folder = Path(folder)
-    if _rank() != 0 or not folder.is_dir():
+    if rank() != 0 or not folder.is_dir():
         return
     for p in list(folder.glob("step-*")) + list(folder.glob(".step-*.tmp")):
         shutil.rmtree(p, ignore_errors=True)

@@ -148,7 +148,7 @@ def untrained(model_dir: Path, out_dir: Path) -> dict:
 def resume_from(folder: Path, resume: bool, names, settings: dict, model, optimizer, device) -> tuple[int, list]:
     """Load the latest checkpoint in `folder` when resuming: (first step, losses so far)."""
     latest = checkpoint.checkpoints(folder)[-1:] if resume else []
-    if resume and not latest and checkpoint._rank() == 0:
+    if resume and not latest and checkpoint.rank() == 0:
         print(f"no checkpoint in {folder}: starting from step 0", file=sys.stderr)
     if not latest:
         return 0, []
