@@ -35,6 +35,7 @@ from symphony.build.report import build_report
 from symphony.build.router_init import hidden_centroids, router_from_centroids, router_weights
 from symphony.errors import SymphonyError, warn
 from symphony.outputs import atomic_output, output_path, publish
+from symphony.train.launch import check_nproc, launch
 
 
 def alignment_decision(cfg: BuildConfig) -> tuple[bool, str]:
@@ -279,10 +280,11 @@ def _check_free_space(out_dir: Path, c: _Checked, stage2: bool):
                             f"{size_text(free)} are free there")
 
 
-def build(config, out_dir, *, force: bool = False, progress: bool = True, inputs=None) -> dict:
+def build(config, out_dir, *, force: bool = False, progress: bool = True, inputs=None, nproc: int = 1) -> dict:
     """Build a Symphony-MoE checkpoint into `out_dir` from `config` (a BuildConfig, a dict or a YAML path).
     `inputs` ({label: path}) names more paths that the output must not replace (the CLI passes the config
-    file); the sources and text files are always protected (symphony.outputs.check_output_path).
+    file); the sources and text files are always protected (symphony.outputs.check_output_path). `nproc` > 1
+    runs stage 2 on that many processes of this machine (symphony.train.launch: FSDP2).
 
     Returns {"out", "architecture", "num_experts", "top_k", "expert_sources", "alignment" ({"ran", "reason", "passes",
     "table"}), "stage2" (train_router's summary without the per-step losses, or None), "timings_s",
@@ -297,6 +299,7 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True, inputs
     if isinstance(config, (str, os.PathLike)):
         inputs = {"the config": Path(config), **dict(inputs or {})}
     out_dir = output_path(out_dir)
+    check_nproc(nproc, cfg.router_training)
     timings = {}
     with atomic_output(out_dir, force=force, inputs=_inputs(cfg, inputs)) as tmp:
         c = _checks(cfg)
@@ -331,8 +334,12 @@ def build(config, out_dir, *, force: bool = False, progress: bool = True, inputs
 
                 t = time.perf_counter()
                 memory.stage("stage2")
-                summary = train_router(stage1, c.train_texts, cfg.router_training, tmp / "model",
-                                       checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
+                if nproc > 1:
+                    summary = launch(stage1, cfg.training_files(), cfg.router_training, tmp / "model", nproc=nproc,
+                                     checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
+                else:
+                    summary = train_router(stage1, c.train_texts, cfg.router_training, tmp / "model",
+                                           checkpoint_dir=tmp / "stage2-checkpoints", progress=progress)
                 shutil.rmtree(stage1)
                 timings["stage2"] = time.perf_counter() - t
                 stage2 = {k: v for k, v in summary.items() if k != "losses"}

@@ -10,6 +10,7 @@ import sys
 
 COMMANDS = {
     "build": ("symphony.cli.build", "build a Symphony-MoE checkpoint from dense sources (YAML config)"),
+    "train": ("symphony.cli.train", "stage 2 on a built MoE: train its routers or every parameter"),
     "eval": ("symphony.cli.eval", "perplexity of a model on text files"),
     "inspect": ("symphony.cli.inspect", "summarise a built model: config, expert load, alignment report"),
     "demo": ("symphony.cli.demo", "the built-in default job (see README)"),

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                         "or an empty one), and remove what killed builds of it left behind")
     parser.add_argument("--device", help="override the config's device: auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="run stage 2 on N processes of this machine (one per GPU; FSDP2 data parallel)")
 
 
 def run(args) -> int:
@@ -29,6 +31,7 @@ def run(args) -> int:
     if args.device:
         cfg.device = args.device
         cfg.router_training.device = args.device
-    summary = build(cfg, args.out, force=args.force, progress=not args.quiet, inputs={"the config": Path(args.config)})
+    summary = build(cfg, args.out, force=args.force, progress=not args.quiet, inputs={"the config": Path(args.config)},
+                    nproc=args.nproc)
     print(format_summary(summary))
     return 0

@@ -131,6 +131,19 @@ class SymphonyMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, return_router_logits: bool = False):
         import symphony_kernels as sk
 
+        shape, x, xc, (gate_up, down), router_logits = self._prepare(hidden_states)
+        if not self.on_kernels:
+            weights, ids = route_reference(router_logits, self.top_k, self.scoring, self.renormalize)
+            out = moe_experts_reference(xc, gate_up.to(xc.dtype), down.to(xc.dtype), weights, ids, self.activation)
+        else:
+            plan = sk.route(router_logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize)
+            out = sk.moe_experts(xc, gate_up, down, plan.topk_weights, plan.topk_ids, activation=self.activation,
+                                 plan=plan)
+        return self._finish(out.to(x.dtype), x, shape, router_logits, return_router_logits)
+
+    def _prepare(self, hidden_states: torch.Tensor):
+        """Checks, router jitter, the compute-dtype cast and the router logits of a forward (shared with
+        symphony.nn.ep): (shape, x [N, d], x in the compute dtype, (gate_up, down), router_logits)."""
         if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
             raise TypeError("hidden_states must be a floating-point tensor")
         if hidden_states.dim() < 1 or hidden_states.shape[-1] != self.hidden_size:
@@ -144,16 +157,11 @@ class SymphonyMoE(nn.Module):
         if self.training and self.router_jitter_noise > 0:
             j = self.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - j, 1.0 + j)
-        xc, (gate_up, down) = compute_dtype_cast(x, self.gate_up_proj, self.down_proj)
-        router_logits = self.router(x)
-        if not self.on_kernels:
-            weights, ids = route_reference(router_logits, self.top_k, self.scoring, self.renormalize)
-            out = moe_experts_reference(xc, gate_up.to(xc.dtype), down.to(xc.dtype), weights, ids, self.activation)
-            out = out.to(x.dtype)
-        else:
-            plan = sk.route(router_logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize)
-            out = sk.moe_experts(xc, gate_up, down, plan.topk_weights, plan.topk_ids, activation=self.activation,
-                                 plan=plan).to(x.dtype)
+        xc, weights = compute_dtype_cast(x, self.gate_up_proj, self.down_proj)
+        return shape, x, xc, weights, self.router(x)
+
+    def _finish(self, out, x, shape, router_logits, return_router_logits: bool):
+        """The routed experts' output `out` [N, d] plus the shared expert, in the input's shape."""
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         out = out.reshape(shape)

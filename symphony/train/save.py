@@ -1,37 +1,13 @@
-"""Stage 2's outputs: resumable checkpoints of the training state, and the trained model written atomically."""
+"""Stage 2's output: the trained model, written atomically (checkpoints: symphony.train.checkpoint)."""
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from symphony.data import load_tokenizer, quiet_zero_size_init
 from symphony.outputs import atomic_output, publish
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
-
-
-def save_checkpoint(folder: Path, state: dict):
-    folder.mkdir(parents=True, exist_ok=True)
-    old = checkpoints(folder)
-    path = folder / f"step-{state['step']:09d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".step-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for p in old:
-        if p != path:
-            p.unlink(missing_ok=True)
-
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 

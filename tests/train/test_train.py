@@ -136,7 +136,7 @@ def test_resume_matches_an_uninterrupted_run(moe_dir, tmp_path, text, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train_router(moe_dir, [text], cfg(steps=8, checkpoint_every=4), tmp_path / "b")
     assert not (tmp_path / "b").exists()
-    assert [p.name for p in (tmp_path / "b.checkpoints").iterdir()] == ["step-000000004.pt"]
+    assert [p.name for p in (tmp_path / "b.checkpoints").iterdir()] == ["step-000000004"]
     monkeypatch.setattr(train, "_train_step", real_step)
 
     with pytest.raises(SymphonyError, match="lr="):
