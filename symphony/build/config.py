@@ -45,7 +45,7 @@ given as a dict). A bad key or value is a SymphonyError that names the key and t
     device: auto
     seed: 0
 
-`preset: paper` puts PRESETS["paper"], the paper's AAAI protocol (arXiv 2509.18542; examples/build.yaml lists it),
+`preset: paper` puts symphony.build.presets.PRESETS["paper"], the paper's AAAI protocol (arXiv 2509.18542; examples/build.yaml lists it),
 under the file's keys: a key the file gives wins. `preset: default` (or none): the dataclasses' defaults.
 
 Why not pydantic (what mergekit uses). The hand-written part is `_Reader` (about 60 lines: types, choices,
@@ -59,12 +59,12 @@ of a few dozen lines it would add a hard dependency with a compiled core to ever
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from symphony.build.presets import apply_preset
 from symphony.errors import SymphonyError
 
 ATTENTION_MODES = ("slerp", "linear")
@@ -76,16 +76,6 @@ ROUTER_INIT = ("hidden", "zeros", "random")
 OUTPUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 EXPERT_LAYOUTS = ("per_expert", "fused")
 ARCHITECTURES = ("auto", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
-PRESETS = {
-    "default": {},
-    "paper": {
-        "fusion": {"attention": "slerp", "t": None, "embeddings": "selective", "norms": "linear"},
-        "alignment": {"enabled": True},
-        "experts": {"per_source": 1, "top_k": 2, "shared_expert": "none", "router_init": "random"},
-        "router_training": {"train": "full", "aux_loss_coef": 0.01, "lr": 5e-5, "schedule": "constant",
-                            "warmup": 0.0, "seq_len": 2048},
-    },
-}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -286,26 +276,6 @@ def _sources(value, base: Path) -> list[SourceSpec]:
     if dup:
         raise SymphonyError(f"sources: the name {dup!r} is used twice (names must be unique)")
     return specs
-
-
-def _under(base: dict, extra: dict) -> dict:
-    """`extra` deep-merged over `base` (a section given as null keeps the base's section)."""
-    for key, value in extra.items():
-        if isinstance(base.get(key), dict) and (value is None or isinstance(value, dict)):
-            _under(base[key], value or {})
-        else:
-            base[key] = value
-    return base
-
-
-def apply_preset(data):
-    """(the mapping with its preset's keys under its own, the preset's name); SymphonyError for an unknown one."""
-    if not isinstance(data, dict):
-        return data, "default"
-    name = data.get("preset", "default")
-    if not isinstance(name, str) or name not in PRESETS:
-        raise SymphonyError(f"preset: {name!r} is not one of {', '.join(PRESETS)}")
-    return _under(copy.deepcopy(PRESETS[name]), {k: v for k, v in data.items() if k != "preset"}), name
 
 
 def parse_config(data: dict, base_dir=None) -> BuildConfig:

@@ -145,7 +145,7 @@ def test_parse_size():
 
 
 def test_paper_preset_sets_the_papers_choices_and_explicit_keys_win(tmp_path):
-    from symphony.build.config import PRESETS
+    from symphony.build.presets import PRESETS
 
     cfg = parse_config(minimal(preset="paper"), base_dir=tmp_path)
     assert cfg.preset == "paper"
