@@ -45,8 +45,9 @@ given as a dict). A bad key or value is a SymphonyError that names the key and t
     device: auto
     seed: 0
 
-`preset: paper` puts symphony.build.presets.PRESETS["paper"], the paper's AAAI protocol (arXiv 2509.18542; examples/build.yaml lists it),
-under the file's keys: a key the file gives wins. `preset: default` (or none): the dataclasses' defaults.
+`preset: paper` puts symphony.build.presets.PRESETS["paper"], the paper's AAAI protocol (arXiv 2509.18542;
+examples/build.yaml lists it), under the file's keys: a key the file gives wins. `preset: default` (or none):
+the dataclasses' defaults.
 
 Why not pydantic (what mergekit uses). The hand-written part is `_Reader` (about 60 lines: types, choices,
 unknown keys, the key path in every message) plus the section parsers. pydantic would replace the type, choice
