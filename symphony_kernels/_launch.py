@@ -71,6 +71,7 @@ class Kernel:
         self.constexpr_names = [p.name for p in params if p.is_constexpr]
         self.variants: dict = {}   # key -> (CompiledKernel, constexpr values in parameter order)
         self.pending: dict = {}    # key -> Future of a background compile
+        self.failed: set = set()   # keys whose background compile raised: compiled in the caller (who sees why)
 
     @staticmethod
     def key(args: tuple, meta: tuple, device: int):
@@ -99,7 +100,7 @@ class Kernel:
         if entry is None:
             future = self.pending.get(key)
             if future is not None:
-                future.result()  # being compiled in the background: wait for it
+                future.exception()  # being compiled in the background: wait for it (a failure: compiled below)
                 entry = self.variants.get(key)
         if entry is None:
             self._store(key, self.fn[grid](*args, **dict(meta)), meta)
@@ -116,7 +117,7 @@ class Kernel:
 
     def ready(self, args: tuple, meta: tuple, device: int) -> bool:
         key = self.key(args, meta, device)
-        return key is None or key in self.variants
+        return key is None or key in self.variants or key in self.failed
 
     def compile_async(self, args: tuple, meta: tuple, device: int):
         """Compile the variant of (args, meta) for CUDA device `device` in a worker thread, on dummy tensors of
@@ -124,7 +125,7 @@ class Kernel:
         variant is compiled already (or is not one the short path serves)."""
         key = self.key(args, meta, device)
         with _lock:
-            if key is None or key in self.variants:
+            if key is None or key in self.variants or key in self.failed:
                 return None
             if key in self.pending:
                 return self.pending[key]
@@ -140,6 +141,9 @@ class Kernel:
                 compiled = self.fn.warmup(*args, grid=(1,), **dict(meta))
                 compiled._init_handles()  # load the module here, not in the caller's first launch
             self._store(key, compiled, meta)
+        except Exception:
+            self.failed.add(key)  # the next call compiles in place and raises the error there
+            raise
         finally:
             with _lock:
                 self.pending.pop(key, None)

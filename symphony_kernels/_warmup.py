@@ -26,6 +26,7 @@ def warmup(hidden_size: int, intermediate_size: int, num_experts: int, top_k: in
 
     The routing inputs decide variants too: transformers' routers hand the experts int64 ids with float32
     (Mixtral) or `dtype` (Qwen-MoE) weights, `route` int32 ids with float32 weights; all of these are planned."""
+    _check(hidden_size, intermediate_size, num_experts, top_k, dtype, weight_dtype, tokens, activation)
     device = torch.device(device)
     if device.type != "cuda":
         return 0
@@ -39,6 +40,25 @@ def warmup(hidden_size: int, intermediate_size: int, num_experts: int, top_k: in
         for future in futures.values():
             future.result()
     return len(futures)
+
+
+def _check(d, f, E, k, dtype, weight_dtype, tokens, activation):
+    from ._runtime import MAX_EXPERTS, MAX_TOP_K
+    from .reference import ACTIVATIONS
+
+    for name, v in (("hidden_size", d), ("intermediate_size", f), ("num_experts", E), ("top_k", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, not {v!r}")
+    if E > MAX_EXPERTS or k > min(E, MAX_TOP_K):
+        raise ValueError(f"the kernels take up to {MAX_EXPERTS} experts and top_k <= min(num_experts, {MAX_TOP_K}); "
+                         f"got {E} experts, top_k {k}")
+    for name, dt in (("dtype", dtype), ("weight_dtype", weight_dtype or dtype)):
+        if dt not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, not {dt!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
+    if isinstance(tokens, (int, str)) or not tokens or not all(isinstance(t, int) and t >= 1 for t in tokens):
+        raise ValueError(f"tokens must be a non-empty list of positive token counts, not {tokens!r}")
 
 
 def planned_launches(d: int, f: int, E: int, k: int, *, dtype=torch.bfloat16, weight_dtype=None,

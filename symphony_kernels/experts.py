@@ -165,7 +165,7 @@ def _signature(hidden, gate_up, down, weights, ids, activation, plan):
     """What decides a call's launches besides the data: shapes, strides, dtypes, devices, the activation and
     whether a plan is given. None for anything but CUDA tensors (or not tensors at all)."""
     try:
-        if not hidden.is_cuda:
+        if not hidden.is_cuda or type(activation) is not str:
             return None
         return (hidden.shape, hidden.stride(), hidden.dtype, hidden.device, gate_up.shape, gate_up.stride(),
                 gate_up.dtype, gate_up.device, down.shape, down.stride(), down.dtype, down.device, weights.shape,

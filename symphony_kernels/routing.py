@@ -191,7 +191,8 @@ def _signature(router_logits, top_k, scoring, renormalize):
     (None otherwise, or for anything that is not a tensor)."""
     try:
         if not router_logits.is_cuda or (router_logits.requires_grad and torch.is_grad_enabled()) \
-                or torch.compiler.is_compiling() or type(top_k) is not int:
+                or torch.compiler.is_compiling() or type(top_k) is not int or type(scoring) is not str \
+                or type(renormalize) is not bool:
             return None
         return (router_logits.shape, router_logits.stride(), router_logits.dtype, router_logits.device, top_k,
                 scoring, renormalize)

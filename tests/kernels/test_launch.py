@@ -191,3 +191,24 @@ def test_route_replay_equals_the_first_call():
     gu = torch.randn(64, 48, 32, device="cuda", dtype=torch.bfloat16)
     dn = torch.randn(64, 32, 24, device="cuda", dtype=torch.bfloat16)
     sk.moe_experts(x, gu, dn, other.topk_weights, other.topk_ids, plan=other)  # a replayed plan is a valid plan
+
+
+@pytest.mark.parametrize("kw,match", [(dict(num_experts=0), "positive"), (dict(top_k=9), "top_k"),
+                                      (dict(dtype=torch.int8), "dtype"), (dict(tokens=[]), "tokens"),
+                                      (dict(activation="relu"), "activation"), (dict(num_experts=2000), "1024")])
+def test_warmup_bad_input(kw, match):
+    args = dict(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2) | kw
+    with pytest.raises((ValueError, TypeError), match=match):
+        sk.warmup(args.pop("hidden_size"), args.pop("intermediate_size"), args.pop("num_experts"), args.pop("top_k"),
+                  device="cpu", **args)
+
+
+def test_a_failed_background_compile_is_compiled_in_the_caller():
+    """A variant whose background compile raised counts as ready, so the next call compiles it in place and
+    the error reaches the user instead of the stand-in serving every call."""
+    kernel = _launch.Kernel(lambda: None)
+    args, meta = (torch.empty(16),), (("BM", 16),)
+    key = kernel.key(args, meta, 0)
+    assert not kernel.ready(args, meta, 0)
+    kernel.failed.add(key)
+    assert kernel.ready(args, meta, 0) and kernel.compile_async(args, meta, 0) is None
