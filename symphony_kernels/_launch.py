@@ -1,13 +1,13 @@
 """How the Triton kernels are launched: a cache of compiled variants with a short launch path, and compilation in
 the background for eager inference.
 
-Launch path. `Kernel(jit_fn)` wraps a @triton.jit function whose integer arguments are all
-`do_not_specialize` (the kernels' `DNS` lists), so a compiled variant depends only on the constexprs, the
-launch options (num_warps, num_stages), the dtypes of the pointer arguments, their 16-byte alignment, the
-integer width and the device. When every pointer is 16-byte aligned and every integer fits in int32,
-`Kernel.launch` keys its cache on (constexprs and options, pointer dtypes, device) and calls the compiled
-kernel's launcher directly: a few microseconds instead of Triton's full argument binding and specialisation per
-launch. Anything else (the interpreter, unaligned views, huge sizes, a launch hook set by a profiler) takes
+Launch path. `Kernel(jit_fn)` wraps a @triton.jit function whose per-call integers (token and tile counts)
+are `do_not_specialize` (the kernels' `*_DNS` lists), so a compiled variant depends on the constexprs, the
+launch options (num_warps, num_stages), the dtypes of the pointer arguments and their 16-byte alignment, the
+integer width, the device, and, for every other integer (strides and sizes, fixed per model), what Triton
+specialises it on: being 1 (then a constant) or a multiple of 16. When every pointer is 16-byte aligned and
+every integer fits in int32, `Kernel.launch` keys its cache on exactly these and calls the compiled kernel's
+launcher directly: a few microseconds instead of Triton's full argument binding and specialisation per launch. Anything else (the interpreter, unaligned views, huge sizes, a launch hook set by a profiler) takes
 Triton's own `fn[grid](...)`, which is always correct.
 
 Background compilation. The first call of a variant compiles it: 0.5-3 s per kernel with ptxas, several
@@ -69,24 +69,29 @@ class Kernel:
         if flags and flags != sorted(flags):
             raise TypeError(f"{fn}: constexpr parameters must come last")
         self.constexpr_names = [p.name for p in params if p.is_constexpr]
+        # per positional (non-constexpr) argument: does Triton specialise it (an int: on == 1 and % 16 == 0)?
+        self.specialised = tuple(not p.do_not_specialize for p in params if not p.is_constexpr)
         self.variants: dict = {}   # key -> (CompiledKernel, constexpr values in parameter order)
         self.pending: dict = {}    # key -> Future of a background compile
         self.failed: set = set()   # keys whose background compile raised: compiled in the caller (who sees why)
 
-    @staticmethod
-    def key(args: tuple, meta: tuple, device: int):
-        """The variant of a launch, or None when the short path does not apply (an unaligned pointer, an
-        integer beyond int32): then Triton's own launch specialises it."""
-        dtypes = []
-        for a in args:
+    def key(self, args: tuple, meta: tuple, device: int):
+        """The variant of a launch (what Triton would specialise it on, see the module docstring), or None when
+        the short path does not apply (an unaligned pointer, an integer beyond int32): then Triton's own launch
+        specialises it."""
+        sig = []
+        specialised = self.specialised or (True,) * len(args)
+        for a, spec in zip(args, specialised):
             if type(a) is int:
                 if not -INT32_MAX <= a <= INT32_MAX:
                     return None
+                if spec:
+                    sig.append(1 if a == 1 else 16 if a % 16 == 0 else 0)
             elif a.data_ptr() & 15:
                 return None
             else:
-                dtypes.append(a.dtype)
-        return meta, tuple(dtypes), device
+                sig.append(a.dtype)
+        return meta, tuple(sig), device
 
     def launch(self, grid: tuple, args: tuple, meta: tuple, device: int):
         """Launch on `grid` with positional `args` (every non-constexpr parameter) and `meta` (a tuple of

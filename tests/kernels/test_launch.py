@@ -9,16 +9,25 @@ from symphony_kernels._warmup import planned_launches
 from symphony_kernels.reference import moe_experts_reference
 
 
-def test_variant_key_ignores_what_triton_does_not_specialise_on():
-    """Token counts change from call to call but not the variant (they are do_not_specialize); a pointer that
-    is not 16-byte aligned or an integer beyond int32 leaves the short path."""
+def test_variant_key_is_what_triton_specialises_on():
+    """A per-call integer (do_not_specialize) changes nothing; any other integer keys on being 1 or a multiple of
+    16, as Triton's specialisation does; a pointer that is not 16-byte aligned or an integer beyond int32 leaves
+    the short path."""
+    from symphony_kernels._experts_fwd import _combine_kernel  # y, sy_s (DNS), sy_r, out, so_t, ids, T (DNS), ...
+
+    kernel = _launch.Kernel(_combine_kernel)
+    if not kernel.specialised:  # the interpreter's functions carry no parameter list
+        kernel.specialised = (True, False, True, True, True, True, False, True, True, False)
     meta = (("BM", 16),)
-    a = torch.empty(64, dtype=torch.bfloat16)
-    key = _launch.Kernel.key((a, 5, 7), meta, 0)
-    assert key == _launch.Kernel.key((torch.empty(8, dtype=torch.bfloat16), 500, 9), meta, 0)
-    assert key != _launch.Kernel.key((torch.empty(8, dtype=torch.float16), 5, 7), meta, 0)
-    assert _launch.Kernel.key((a[1:], 5, 7), meta, 0) is None          # 2 bytes off 16-byte alignment
-    assert _launch.Kernel.key((a, 2**31, 7), meta, 0) is None
+    y, out, ids = torch.empty(64, dtype=torch.bfloat16), torch.empty(64), torch.empty(8, dtype=torch.int32)
+    base = (y, 100, 32, out, 32, ids, 5, 32, 8, 1)
+    key = kernel.key(base, meta, 0)
+    assert key == kernel.key((y, 7, 32, out, 32, ids, 900, 32, 8, 3), meta, 0)        # per-call integers
+    assert key != kernel.key((y, 100, 40, out, 32, ids, 5, 32, 8, 1), meta, 0)        # 40: not a multiple of 16
+    assert key != kernel.key((y, 100, 32, out, 32, ids, 5, 32, 1, 1), meta, 0)        # E = 1: a constant
+    assert key != kernel.key((y.half(), 100, 32, out, 32, ids, 5, 32, 8, 1), meta, 0)
+    assert kernel.key((y[1:], *base[1:]), meta, 0) is None                            # 2 bytes off alignment
+    assert kernel.key((y, 100, 2**31, *base[3:]), meta, 0) is None
 
 
 def test_warmup_plans_a_few_variants_for_many_token_counts():
@@ -207,7 +216,7 @@ def test_a_failed_background_compile_is_compiled_in_the_caller():
     """A variant whose background compile raised counts as ready, so the next call compiles it in place and
     the error reaches the user instead of the stand-in serving every call."""
     kernel = _launch.Kernel(lambda: None)
-    args, meta = (torch.empty(16),), (("BM", 16),)
+    args, meta = (torch.empty(16), 8), (("BM", 16),)
     key = kernel.key(args, meta, 0)
     assert not kernel.ready(args, meta, 0)
     kernel.failed.add(key)
