@@ -207,7 +207,7 @@ def _inference(hidden, gate_up, down, weights, ids, activation, plan, decode, si
     if dispatch is not None:
         dispatch.run()
     call.run()
-    if sig is not None and sig not in _REPLAYS:
+    if sig is not None and sig not in _REPLAYS:  # (a None entry: not replayable)
         buffers = {**(dispatch.buffers if dispatch is not None else {}), **call.buffers}
         _remember(sig, launches, buffers, hidden, gate_up, down, weights, ids, plan)
     return out
@@ -221,6 +221,7 @@ def _remember(sig, launches, buffers, hidden, gate_up, down, weights, ids, plan)
         user["offsets"], user["sorted_pairs"] = plan.expert_offsets, plan.sorted_pairs
     if not (hidden.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous() and weights.is_contiguous()
             and ids.is_contiguous()):
+        _REPLAYS[sig] = None  # never replayable (the signature fixes the strides): do not try again
         return
     both = _launch.Call(hidden.device)
     both.launches = launches
