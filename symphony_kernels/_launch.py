@@ -21,6 +21,7 @@ the environment variable SYMPHONY_COMPILE=blocking) compiles in the caller inste
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -158,12 +159,14 @@ class Call:
     """The launches of one public call, collected before any of them runs, so that the caller can ask whether
     they are all compiled (`ready`) and otherwise have them compiled in the background."""
 
-    __slots__ = ("device", "launches", "buffers")
+    __slots__ = ("device", "torch_device", "launches", "buffers", "workspace")
 
     def __init__(self, device: torch.device):
         self.device = device.index if device.type == "cuda" else -1
+        self.torch_device = device
         self.launches = []
-        self.buffers = {}  # name -> the buffers the launches write (for a Replay)
+        self.buffers = {}       # name -> the buffers the launches write (for a Replay)
+        self.workspace = None   # (Workspace, its allocation) when some of the buffers are views of one allocation
 
     def add(self, kernel: Kernel, grid: tuple, args: tuple, meta: tuple):
         self.launches.append((kernel, grid, args, meta))
@@ -171,7 +174,6 @@ class Call:
     def run(self):
         for kernel, grid, args, meta in self.launches:
             kernel.launch(grid, args, meta, self.device)
-        self.launches = []
 
     def ready(self) -> bool:
         return self.device < 0 or all(k.ready(args, meta, self.device) for k, _, args, meta in self.launches)
@@ -181,47 +183,135 @@ class Call:
             kernel.compile_async(args, meta, self.device)
 
 
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+class Workspace:
+    """Where the int32 buffers of one call lie in one allocation: one allocator call (and at most one zero fill)
+    instead of one per buffer. Built from (name, shape, zeroed) pieces; every piece starts on a 16-byte boundary
+    (what the short launch path needs); the zeroed ones are filled in one go, so keep them adjacent. The
+    launchers build one per size and keep it."""
+
+    __slots__ = ("numel", "pieces", "split", "zero")
+
+    def __init__(self, pieces):
+        self.pieces, self.split, at, zero = [], [], 0, []
+        for name, shape, zeroed in pieces:
+            start, n = _round4(at), math.prod(shape)
+            if start > at:
+                self.split.append(start - at)
+            self.pieces.append((name, tuple(shape), len(self.split), start, n, zeroed))
+            self.split.append(n)
+            if zeroed:
+                zero += [start, start + n]
+            at = start + n
+        self.numel = max(4, _round4(at))
+        if self.numel > at:
+            self.split.append(self.numel - at)
+        self.zero = (min(zero), max(zero)) if zero else None
+
+    def alloc(self, call: Call, device: torch.device, separate: bool = False) -> dict:
+        """name -> buffer, also added to `call.buffers`: views of one new allocation (`call.workspace`), or with
+        `separate` one allocation each (what a custom op must return: outputs that alias nothing)."""
+        if separate:
+            bufs = {name: (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.int32, device=device)
+                    for name, shape, _, _, _, zeroed in self.pieces}
+        else:
+            ws = torch.empty(self.numel, dtype=torch.int32, device=device)
+            if self.zero is not None:
+                ws[self.zero[0]:self.zero[1]].zero_()
+            parts = ws.split_with_sizes(self.split)
+            bufs = {name: parts[i] if len(shape) == 1 else parts[i].view(shape)
+                    for name, shape, i, _, _, _ in self.pieces}
+            call.workspace = (self, ws)
+        call.buffers.update(bufs)
+        return bufs
+
+
 class Replay:
     """The launches of one call, recorded with the role of every tensor argument, replayed for a later call of
-    the same shapes, dtypes and strides with that call's tensors: no configuration, key or argument work per
-    call (the eager decode path). `fresh` lists the buffers each replay allocates: (role, shape, dtype, zeroed).
-    Recorded only from a Call whose every variant is compiled and served by the short path."""
+    the same shapes, dtypes and strides with that call's tensors: no configuration, key, check or argument work
+    per call (the eager decode path). Each replay allocates the call's buffers afresh: the workspace in one go
+    (its pieces reach the kernels as raw addresses; the `keep` ones also come back as tensors), the others one
+    by one. Recorded only from calls whose every variant is compiled and served by the short path."""
 
-    __slots__ = ("steps", "fresh", "device")
+    __slots__ = ("steps", "fresh", "device", "torch_device", "workspace")
 
-    def __init__(self, call: Call, roles: dict, fresh: list):
-        by_id = {id(t): name for name, t in roles.items()}
-        self.device, self.fresh, self.steps = call.device, fresh, []
-        for kernel, grid, args, meta in call.launches:
-            compiled, tail = kernel.variants[kernel.key(args, meta, call.device)]
+    def __init__(self, calls: list, inputs: dict, keep: tuple):
+        self.device, self.torch_device = calls[0].device, calls[0].torch_device
+        spaces = [c.workspace for c in calls if c.workspace is not None]
+        if len(spaces) > 1:
+            raise ValueError("a replay takes one workspace at most")
+        at = {}  # workspace piece -> (byte offset, its entry)
+        self.workspace = None
+        if spaces:
+            space = spaces[0][0]
+            at = {p[0]: (4 * p[3], p) for p in space.pieces}
+            views, split, end = [], [], 0
+            for name, shape, _, start, n, _ in sorted((p for p in space.pieces if p[0] in keep), key=lambda p: p[3]):
+                if start > end:
+                    split.append(start - end)
+                views.append((name, len(split), shape if len(shape) != 1 else None))
+                split.append(n)
+                end = start + n
+            if space.numel > end:
+                split.append(space.numel - end)
+            self.workspace = (space.numel, space.zero, tuple(split), tuple(views))
+        buffers = {name: t for c in calls for name, t in c.buffers.items()}
+        self.fresh = [(name, tuple(t.shape), t.dtype) for name, t in buffers.items() if name not in at]
+        by_id = {id(t): name for name, t in {**inputs, **buffers}.items()}
+        self.steps = []
+        for kernel, grid, args, meta in (launch for c in calls for launch in c.launches):
+            compiled, tail = kernel.variants[kernel.key(args, meta, self.device)]
             template = []
             for a in args:
-                if isinstance(a, torch.Tensor):
-                    if id(a) not in by_id:
-                        raise ValueError("every tensor argument of a replayed launch needs a role")
-                    template.append((by_id[id(a)], None))
+                if not isinstance(a, torch.Tensor):
+                    template.append((0, a))
+                elif id(a) not in by_id:
+                    raise ValueError("every tensor argument of a replayed launch needs a role")
+                elif by_id[id(a)] in at:
+                    template.append((2, at[by_id[id(a)]][0]))
                 else:
-                    template.append((None, a))
+                    template.append((1, by_id[id(a)]))
             g = grid + (1,) * (3 - len(grid))
             self.steps.append((compiled, g, tuple(template), tail))
 
     @classmethod
-    def record(cls, call: Call, roles: dict, fresh: list):
-        """A Replay of `call`, or None when some launch does not take the short path or is not compiled."""
-        if call.device < 0 or not _no_launch_hook():
+    def record(cls, calls: list, inputs: dict, keep: tuple = ()):
+        """A Replay of `calls` (run in this order; `inputs`: role -> the caller's tensors; `keep`: the workspace
+        pieces the caller reads afterwards), or None when some launch does not take the short path or is not
+        compiled."""
+        if calls[0].device < 0 or not _no_launch_hook():
             return None
-        for kernel, _, args, meta in call.launches:
-            key = kernel.key(args, meta, call.device)
+        for kernel, _, args, meta in (launch for c in calls for launch in c.launches):
+            key = kernel.key(args, meta, calls[0].device)
             if key is None or key not in kernel.variants:
                 return None
-        return cls(call, roles, fresh)
+        return cls(calls, inputs, keep)
 
-    def run(self, tensors: dict):
-        """Launch every step with `tensors` (role -> tensor, the fresh buffers included)."""
+    def run(self, tensors: dict) -> dict:
+        """Allocate the buffers and launch every step; `tensors`: role -> the caller's tensors. Returns `tensors`
+        with the fresh buffers and the kept workspace views added."""
+        dev = self.torch_device
+        for name, shape, dtype in self.fresh:
+            tensors[name] = torch.empty(shape, dtype=dtype, device=dev)
+        ws, base = None, 0
+        if self.workspace is not None:
+            numel, zero, split, views = self.workspace
+            ws = torch.empty(numel, dtype=torch.int32, device=dev)  # (freed after the launches are queued: the
+            base = ws.data_ptr()                                     # allocator reuses it in stream order)
+            if zero is not None:
+                ws[zero[0]:zero[1]].zero_()
+            if views:
+                parts = ws.split_with_sizes(split)
+                for name, i, shape in views:
+                    tensors[name] = parts[i] if shape is None else parts[i].view(shape)
         stream = torch._C._cuda_getCurrentRawStream(self.device)
         for compiled, g, template, tail in self.steps:
             compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *[tensors[r] if r is not None else v for r, v in template], *tail)
+                         *[v if kind == 0 else tensors[v] if kind == 1 else base + v for kind, v in template], *tail)
+        return tensors
 
 
 try:

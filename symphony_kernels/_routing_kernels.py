@@ -6,6 +6,8 @@ kernel writes `bcount[b, 0..E]` (how many of the block's (token, slot) pairs go 
 counts dropped pairs, i.e. ids outside [0, E), which only `dispatch` can see) and `lrank[t, j]`, the number of
 pairs of the same expert that come before pair t*k+j inside its block, and adds its counts into
 `gcount[b // G]` (integer atomics into a zeroed [nprog, E+1] table: integer sums do not depend on the order).
+With G == 1 (at most 64 count blocks) row b of that table is block b's counts: the launcher passes `bcount`
+as `gcount` and the kernels skip the atomics, so no table needs zeroing before the launch.
 The sort kernel runs `nprog` programs, each owning `G` consecutive count blocks; a program sums the gcount rows
 (all of them for the expert totals, the ones before its own for its starting cursor), then walks its blocks
 in order, CH blocks per step, and writes `sorted_pairs[offset[e] + cursor[e] + lrank] = pair`, moving the
@@ -86,7 +88,8 @@ def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
     ne = E + 1
     tl.store(bcount_ptr + pid.to(tl.int64) * ne + cols, counts, mask=cols < E)
     tl.store(bcount_ptr + pid.to(tl.int64) * ne + E, 0)          # route never drops a pair
-    tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * ne + cols, counts, mask=cols < E)
+    if G > 1:  # (G == 1: gcount is bcount, this program's own row)
+        tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * ne + cols, counts, mask=cols < E)
 
 
 @triton.jit(do_not_specialize=("T", "G"))
@@ -104,7 +107,8 @@ def _count_kernel(ids_ptr, stride_t, stride_k, T, E, lrank_ptr, bcount_ptr, gcou
     lrank, counts = _rank_in_block(ids, rmask, cols, E + 1, KP, K)
     tl.store(lrank_ptr + rows.to(tl.int64)[:, None] * K + kcols[None, :], lrank, mask=kmask)
     tl.store(bcount_ptr + pid.to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
-    tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
+    if G > 1:  # (G == 1: gcount is bcount, this program's own row)
+        tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
 
 
 @triton.jit(do_not_specialize=("T", "nb", "G", "nprog"))

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ._launch import Call, Kernel
+from ._launch import Call, Kernel, Workspace
 from ._runtime import next_pow2
 
 _SORT_PROGRAMS = 64  # most programs of the sort kernel (each reads every program's counter row once)
@@ -40,98 +40,109 @@ def _kernel(name: str) -> Kernel:
     return k
 
 
-def _sort(call, ids, lrank, bcount, gcount, G, E, BT, counts, offsets, sorted_pairs):
-    T, k = ids.shape
-    nb = bcount.shape[0]
-    nprog = gcount.shape[0]
-    EP = next_pow2(E + 1)
-    KP = next_pow2(k)
-    CH = max(1, min(_SORT_CHUNK, G, 2048 // (BT * KP)))
-    CH = 1 << (CH.bit_length() - 1)  # a power of two
-    scratch = bcount if _GATHER else torch.empty((nprog, CH * EP), dtype=torch.int32, device=ids.device)
-    if not _GATHER:
-        call.buffers["scratch"] = scratch
-    call.add(_kernel("_sort_kernel"), (nprog,),
-             (ids, ids.stride(0), ids.stride(1), lrank, bcount, gcount, T, E, nb, G, nprog, counts, offsets,
-              sorted_pairs, scratch),
-             (("K", k), ("KP", KP), ("BT", BT), ("EP", EP), ("RB", max(1, min(64, 4096 // EP))), ("CH", CH),
-              ("GATHER", _GATHER), ("num_warps", 4)))
+class _Sizes:
+    """What a routing call of T tokens, E experts and top-k derives from its sizes alone: the grids and
+    constexprs of its two launches and where its int32 buffers lie (`_launch.Workspace`). `first` is the
+    route kernel's (`flags`: sigmoid, renormalize, float64) or, without flags, the dispatch's count kernel.
+    With one count block per sort program (G == 1, up to 64 blocks) each program owns its row of the counter
+    table, so the kernels take `bcount` for it and nothing needs zeroing (see `_routing_kernels`)."""
+
+    __slots__ = ("nb", "nprog", "G", "first", "sort", "workspace")
+
+    def __init__(self, T, E, k, flags):
+        EP = next_pow2(E if flags else E + 1)
+        BT = _block_tokens(EP)
+        KP = next_pow2(k)
+        self.nb = -(-T // BT)
+        self.nprog, self.G = _sort_grid(self.nb) if T else (0, 1)
+        self.first = (("K", k), ("KP", KP), ("BT", BT), ("EP", EP))
+        if flags:
+            self.first += tuple(zip(("SIGMOID", "RENORM", "F64"), flags))
+        self.first += (("num_warps", 8 if BT * EP >= 8192 else 4),)
+        SEP = next_pow2(E + 1)
+        CH = max(1, min(_SORT_CHUNK, self.G, 2048 // (BT * KP)))
+        CH = 1 << (CH.bit_length() - 1)  # a power of two
+        self.sort = (("K", k), ("KP", KP), ("BT", BT), ("EP", SEP), ("RB", max(1, min(64, 4096 // SEP))), ("CH", CH),
+                     ("GATHER", _GATHER), ("num_warps", 4))
+        pieces = [("ids", (T, k), False)] if flags else []
+        pieces += [("sorted_pairs", (T * k,), False), ("counts", (E,), T == 0), ("offsets", (E + 1,), T == 0)]
+        if T:
+            pieces += [("lrank", (T * k,), False), ("bcount", (self.nb * (E + 1),), False)]
+            if self.G > 1:
+                pieces.append(("gcount", (self.nprog * (E + 1),), True))
+            if not _GATHER:
+                pieces.append(("scratch", (self.nprog * CH * SEP,), False))
+        self.workspace = Workspace(pieces)
 
 
-def _plan_buffers(T, k, E, dev):
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    sorted_pairs = torch.empty(T * k, dtype=torch.int32, device=dev)
-    if T == 0:
-        counts.zero_()
-        offsets.zero_()
-    return counts, offsets, sorted_pairs
+_SIZES: dict = {}
+_MAX_SIZES = 1024
 
 
-def route_triton(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool):
-    """The five plan tensors through the Triton kernels (no checks; see `route`)."""
-    call, plan = route_call(router_logits, top_k, scoring, renormalize)
+def _sizes(T: int, E: int, k: int, flags: tuple = ()) -> _Sizes:
+    key = (T, E, k, flags, _SORT_PROGRAMS, _GATHER, _SORT_CHUNK)
+    sizes = _SIZES.get(key)
+    if sizes is None:
+        if len(_SIZES) >= _MAX_SIZES:
+            _SIZES.pop(next(iter(_SIZES)))
+        sizes = _SIZES[key] = _Sizes(T, E, k, flags)
+    return sizes
+
+
+def _sort(call, sizes, ids, stride_t, stride_k, T, E, b):
+    bcount = b["bcount"]
+    call.add(_kernel("_sort_kernel"), (sizes.nprog,),
+             (ids, stride_t, stride_k, b["lrank"], bcount, b.get("gcount", bcount), T, E, sizes.nb, sizes.G,
+              sizes.nprog, b["counts"], b["offsets"], b["sorted_pairs"], b.get("scratch", bcount)), sizes.sort)
+
+
+def route_triton(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool, separate=False):
+    """The five plan tensors through the Triton kernels (no checks; see `route`); `separate`: see `route_call`."""
+    call, plan = route_call(router_logits, top_k, scoring, renormalize, separate)
     call.run()
     return plan
 
 
-def route_call(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool):
-    """(call, the five plan tensors): the routing's launches, not yet run (no checks)."""
+def route_call(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool, separate=False):
+    """(call, the five plan tensors): the routing's launches, not yet run (no checks). The integer tensors are
+    views of one allocation, unless `separate` (a custom op's outputs must not alias each other)."""
     T, E = router_logits.shape
+    f64 = router_logits.dtype == torch.float64
+    sizes = _sizes(T, E, top_k, (scoring == "sigmoid", renormalize, f64))
     dev = router_logits.device
-    acc = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
-    weights = torch.empty((T, top_k), dtype=acc, device=dev)
-    ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
-    counts, offsets, sorted_pairs = _plan_buffers(T, top_k, E, dev)
     call = Call(dev)
-    if T == 0:
-        return call, (weights, ids, counts, offsets, sorted_pairs)
-    lrank = torch.empty((T, top_k), dtype=torch.int32, device=dev)
-    EP = next_pow2(E)
-    BT = _block_tokens(EP)
-    nb = -(-T // BT)
-    bcount = torch.empty((nb, E + 1), dtype=torch.int32, device=dev)
-    nprog, G = _sort_grid(nb)
-    gcount = torch.zeros((nprog, E + 1), dtype=torch.int32, device=dev)
-    call.buffers.update(weights=weights, ids=ids, counts=counts, offsets=offsets, sorted_pairs=sorted_pairs,
-                        lrank=lrank, bcount=bcount, gcount=gcount)
-    call.add(_kernel("_route_kernel"), (nb,),
-             (router_logits, router_logits.stride(0), router_logits.stride(1), T, E, weights, ids, lrank, bcount,
-              gcount, G),
-             (("K", top_k), ("KP", next_pow2(top_k)), ("BT", BT), ("EP", EP), ("SIGMOID", scoring == "sigmoid"),
-              ("RENORM", renormalize), ("F64", acc == torch.float64), ("num_warps", 8 if BT * EP >= 8192 else 4)))
-    _sort(call, ids, lrank, bcount, gcount, G, E, BT, counts, offsets, sorted_pairs)
-    return call, (weights, ids, counts, offsets, sorted_pairs)
+    weights = call.buffers["weights"] = torch.empty((T, top_k), dtype=torch.float64 if f64 else torch.float32,
+                                                    device=dev)
+    b = sizes.workspace.alloc(call, dev, separate)
+    if T:
+        bcount = b["bcount"]
+        call.add(_kernel("_route_kernel"), (sizes.nb,),
+                 (router_logits, router_logits.stride(0), router_logits.stride(1), T, E, weights, b["ids"], b["lrank"],
+                  bcount, b.get("gcount", bcount), sizes.G), sizes.first)
+        _sort(call, sizes, b["ids"], top_k, 1, T, E, b)
+    return call, (weights, b["ids"], b["counts"], b["offsets"], b["sorted_pairs"])
 
 
-def dispatch_call(topk_ids: torch.Tensor, num_experts: int):
-    """(call, (counts, offsets, sorted_pairs)): the dispatch's launches, not yet run (no checks)."""
+def dispatch_call(topk_ids: torch.Tensor, num_experts: int, separate=False):
+    """(call, (counts, offsets, sorted_pairs)): the dispatch's launches, not yet run (no checks); `separate`:
+    see `route_call`."""
     T, k = topk_ids.shape
     E = num_experts
-    dev = topk_ids.device
-    counts, offsets, sorted_pairs = _plan_buffers(T, k, E, dev)
-    call = Call(dev)
-    if T == 0:
-        return call, (counts, offsets, sorted_pairs)
-    EP = next_pow2(E + 1)
-    BT = _block_tokens(EP)
-    nb = -(-T // BT)
-    lrank = torch.empty((T, k), dtype=torch.int32, device=dev)
-    bcount = torch.empty((nb, E + 1), dtype=torch.int32, device=dev)
-    nprog, G = _sort_grid(nb)
-    gcount = torch.zeros((nprog, E + 1), dtype=torch.int32, device=dev)
-    call.buffers.update(counts=counts, offsets=offsets, sorted_pairs=sorted_pairs, lrank=lrank, bcount=bcount,
-                        gcount=gcount)
-    call.add(_kernel("_count_kernel"), (nb,),
-             (topk_ids, topk_ids.stride(0), topk_ids.stride(1), T, E, lrank, bcount, gcount, G),
-             (("K", k), ("KP", next_pow2(k)), ("BT", BT), ("EP", EP), ("num_warps", 8 if BT * EP >= 8192 else 4)))
-    _sort(call, topk_ids, lrank, bcount, gcount, G, E, BT, counts, offsets, sorted_pairs)
-    return call, (counts, offsets, sorted_pairs)
+    sizes = _sizes(T, E, k)
+    call = Call(topk_ids.device)
+    b = sizes.workspace.alloc(call, topk_ids.device, separate)
+    if T:
+        bcount = b["bcount"]
+        s_t, s_k = topk_ids.stride()
+        call.add(_kernel("_count_kernel"), (sizes.nb,),
+                 (topk_ids, s_t, s_k, T, E, b["lrank"], bcount, b.get("gcount", bcount), sizes.G), sizes.first)
+        _sort(call, sizes, topk_ids, s_t, s_k, T, E, b)
+    return call, (b["counts"], b["offsets"], b["sorted_pairs"])
 
 
-def dispatch_triton(topk_ids: torch.Tensor, num_experts: int):
+def dispatch_triton(topk_ids: torch.Tensor, num_experts: int, separate=False):
     """(counts, offsets, sorted_pairs) for given ids through the Triton kernels (no checks)."""
-    call, out = dispatch_call(topk_ids, num_experts)
+    call, out = dispatch_call(topk_ids, num_experts, separate)
     call.run()
     return out
 

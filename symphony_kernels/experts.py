@@ -118,7 +118,7 @@ def moe_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
         if plan is not None:
             tensors["offsets"], tensors["sorted_pairs"] = plan.expert_offsets, plan.sorted_pairs
         if all(t.data_ptr() % 16 == 0 for t in tensors.values()) and _launch._no_launch_hook():
-            return _replay(replay, tensors, hidden.device)
+            return replay.run(tensors)["out"]
     check_experts_args(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, activation, plan)
     T, k = topk_ids.shape
     E = gate_up_proj.shape[0]
@@ -175,13 +175,6 @@ def _signature(hidden, gate_up, down, weights, ids, activation, plan):
         return None
 
 
-def _replay(replay, tensors: dict, device) -> torch.Tensor:
-    for name, shape, dtype, zeroed in replay.fresh:
-        tensors[name] = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
-    replay.run(tensors)
-    return tensors["out"]
-
-
 def _inference(hidden, gate_up, down, weights, ids, activation, plan, decode, sig=None):
     """Eager, no gradient: the launches straight from here (no autograd Function, no custom op); while any of
     them is still compiling, torch's grouped GEMM computes this call (`_fallback`) and the kernels compile in
@@ -203,17 +196,15 @@ def _inference(hidden, gate_up, down, weights, ids, activation, plan, decode, si
         if dispatch is not None:
             dispatch.compile_in_background()
         return _fallback.moe_experts(hidden, gate_up, down, weights, ids, activation)
-    launches = (dispatch.launches if dispatch is not None else []) + call.launches
-    if dispatch is not None:
-        dispatch.run()
-    call.run()
+    calls = [call] if dispatch is None else [dispatch, call]
+    for c in calls:
+        c.run()
     if sig is not None and sig not in _REPLAYS:  # (a None entry: not replayable)
-        buffers = {**(dispatch.buffers if dispatch is not None else {}), **call.buffers}
-        _remember(sig, launches, buffers, hidden, gate_up, down, weights, ids, plan)
+        _remember(sig, calls, hidden, gate_up, down, weights, ids, plan)
     return out
 
 
-def _remember(sig, launches, buffers, hidden, gate_up, down, weights, ids, plan):
+def _remember(sig, calls, hidden, gate_up, down, weights, ids, plan):
     """Record a Replay of this call's launches under `sig` (when they all take the short path and are compiled;
     the inputs must be the caller's own tensors, not copies)."""
     user = {"hidden": hidden, "gate_up": gate_up, "down": down, "weights": weights, "ids": ids}
@@ -223,10 +214,7 @@ def _remember(sig, launches, buffers, hidden, gate_up, down, weights, ids, plan)
             and ids.is_contiguous()):
         _REPLAYS[sig] = None  # never replayable (the signature fixes the strides): do not try again
         return
-    both = _launch.Call(hidden.device)
-    both.launches = launches
-    fresh = [(name, tuple(t.shape), t.dtype, name == "gcount") for name, t in buffers.items()]
-    replay = _launch.Replay.record(both, {**user, **buffers}, fresh)
+    replay = _launch.Replay.record(calls, user)
     if replay is not None:
         if len(_REPLAYS) >= _MAX_REPLAYS:
             _REPLAYS.pop(next(iter(_REPLAYS)))

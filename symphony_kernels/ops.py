@@ -28,7 +28,7 @@ from . import _routing_launch as _routing
 @torch.library.custom_op("symphony::route", mutates_args=())
 def route_op(router_logits: torch.Tensor, top_k: int, scoring: str,
              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _routing.route_triton(router_logits, top_k, scoring, renormalize)
+    return _routing.route_triton(router_logits, top_k, scoring, renormalize, separate=True)
 
 
 @route_op.register_fake
@@ -61,7 +61,7 @@ route_op.register_autograd(_route_backward, setup_context=_route_setup)
 
 @torch.library.custom_op("symphony::dispatch", mutates_args=())
 def dispatch_op(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _routing.dispatch_triton(topk_ids, num_experts)
+    return _routing.dispatch_triton(topk_ids, num_experts, separate=True)
 
 
 @dispatch_op.register_fake

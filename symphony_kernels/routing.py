@@ -21,6 +21,7 @@ CPU tensors run the Triton kernels under TRITON_INTERPRET=1, otherwise the refer
 """
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import NamedTuple
 
@@ -102,8 +103,11 @@ _ISSUED: dict = {}  # id(sorted_pairs) -> (sorted_pairs, ids, offsets: weak refe
 
 
 def _issue(ids: torch.Tensor, offsets: torch.Tensor, sorted_pairs: torch.Tensor, num_experts: int):
-    if torch.compiler.is_compiling() or sorted_pairs.device.type == "meta":
-        return
+    if not torch.compiler.is_compiling() and sorted_pairs.device.type != "meta":
+        _note(ids, offsets, sorted_pairs, num_experts)
+
+
+def _note(ids, offsets, sorted_pairs, num_experts):
     key = id(sorted_pairs)
     forget = lambda _, key=key: _ISSUED.pop(key, None)  # noqa: E731 - the entry goes with its tensor
     _ISSUED[key] = (weakref.ref(sorted_pairs, forget), weakref.ref(ids), weakref.ref(offsets), ids._version,
@@ -143,8 +147,8 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
     if sig is not None:  # eager inference on CUDA: replay an earlier call's launches, or record this one's
         replay = _REPLAYS.get(sig)
         if replay is not None and router_logits.data_ptr() % 16 == 0 and _launch._no_launch_hook():
-            plan = RoutingPlan(*_replay(replay, router_logits))
-            _issue(plan.topk_ids, plan.expert_offsets, plan.sorted_pairs, router_logits.shape[1])
+            plan = RoutingPlan(*_PLAN(replay.run({"logits": router_logits})))
+            _note(plan.topk_ids, plan.expert_offsets, plan.sorted_pairs, router_logits.shape[1])
             return plan
     check_route_args(router_logits, top_k, scoring, renormalize)
     if router_logits.device.type == "meta":
@@ -154,11 +158,10 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
         plan = RoutingPlan(weights, ids, *dispatch_reference(ids, router_logits.shape[1]))
     elif sig is not None:
         call, outs = _routing_launch.route_call(router_logits, top_k, scoring, renormalize)
-        launches = list(call.launches)
         call.run()
         plan = RoutingPlan(*outs)
         if sig not in _REPLAYS and router_logits.shape[0]:
-            _remember(sig, call, launches, router_logits)
+            _remember(sig, call, router_logits)
     else:
         plan = RoutingPlan(*ops.route(router_logits, top_k, scoring, renormalize))
     _issue(plan.topk_ids, plan.expert_offsets, plan.sorted_pairs, router_logits.shape[1])
@@ -184,6 +187,7 @@ def dispatch(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
 _REPLAYS: dict = {}
 _MAX_REPLAYS = 256
 _PLAN_NAMES = ("weights", "ids", "counts", "offsets", "sorted_pairs")
+_PLAN = operator.itemgetter(*_PLAN_NAMES)
 
 
 def _signature(router_logits, top_k, scoring, renormalize):
@@ -200,23 +204,12 @@ def _signature(router_logits, top_k, scoring, renormalize):
         return None
 
 
-def _remember(sig, call, launches, router_logits):
-    both = _launch.Call(router_logits.device)
-    both.launches = launches
-    fresh = [(name, tuple(t.shape), t.dtype, name == "gcount") for name, t in call.buffers.items()]
-    replay = _launch.Replay.record(both, {"logits": router_logits, **call.buffers}, fresh)
+def _remember(sig, call, router_logits):
+    replay = _launch.Replay.record([call], {"logits": router_logits}, keep=_PLAN_NAMES)
     if replay is not None:
         if len(_REPLAYS) >= _MAX_REPLAYS:
             _REPLAYS.pop(next(iter(_REPLAYS)))
         _REPLAYS[sig] = replay
-
-
-def _replay(replay, router_logits):
-    tensors = {"logits": router_logits}
-    for name, shape, dtype, zeroed in replay.fresh:
-        tensors[name] = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=router_logits.device)
-    replay.run(tensors)
-    return tuple(tensors[name] for name in _PLAN_NAMES)
 
 
 class _RouteReference(torch.autograd.Function):
