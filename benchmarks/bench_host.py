@@ -5,7 +5,9 @@ host time per call = wall time of the N calls / N, the GPU queue never running d
 with the short launch path (`_launch.Kernel`) and with Triton's own launch forced (`--no-short-path` in the
 same run, by making `_launch._no_launch_hook` report a hook), so the ratio of the two is measured on the same
 machine. Decode (T = 1, 8) and a prefill-sized call (T = 256, which adds the dispatch) are timed for
-moe_experts; route at T = 1 and 256.
+moe_experts; route at T = 1 and 256. `device_us` checks the premise that the GPU work is shorter: one call
+captured in a CUDA graph and the graph replayed N times (an upper bound of the device time per call: the
+graph launches cost a little host time too); where it comes near `host_us`, the call is bound by the device.
 
     python benchmarks/bench_host.py --out OUTDIR        # on a CUDA machine; prints a table, writes host.json
 """
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
 
 
 def _time(fn, n: int) -> float:
@@ -31,6 +35,30 @@ def _time(fn, n: int) -> float:
         best = min(best, (time.perf_counter() - t) / n)
         torch.cuda.synchronize()
     return best * 1e6
+
+
+def _device_time(fn, n: int):
+    """Microseconds per replay of a CUDA graph of one call of `fn` (None, with the reason printed, where the
+    call cannot be captured)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            graph.replay()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t) / n * 1e6, 2)
+    except Exception as e:  # noqa: BLE001 - reported, the host numbers stand without it
+        print(f"device time not measured: {type(e).__name__}: {e}")
+        return None
 
 
 def measure(n: int = 2000) -> list[dict]:
@@ -61,7 +89,8 @@ def measure(n: int = 2000) -> list[dict]:
                 triton_launch = _time(fn, n)
             finally:
                 _launch._no_launch_hook = real
-            rows.append({"call": name, "host_us": round(short, 2), "host_us_triton_launch": round(triton_launch, 2)})
+            rows.append({"call": name, "host_us": round(short, 2), "host_us_triton_launch": round(triton_launch, 2),
+                         "device_us": _device_time(fn, n)})
     return rows
 
 
@@ -78,9 +107,10 @@ def main(argv=None):
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"{'call':<22} {'host us':>9} {'with Triton launch':>19}")
+    print(f"{'call':<22} {'host us':>9} {'with Triton launch':>19} {'device us (graph)':>18}")
     for r in rows:
-        print(f"{r['call']:<22} {r['host_us']:>9.1f} {r['host_us_triton_launch']:>19.1f}")
+        device = "-" if r["device_us"] is None else f"{r['device_us']:.1f}"
+        print(f"{r['call']:<22} {r['host_us']:>9.1f} {r['host_us_triton_launch']:>19.1f} {device:>18}")
 
 
 if __name__ == "__main__":

@@ -264,18 +264,17 @@ class Replay:
         self.steps = []
         for kernel, grid, args, meta in (launch for c in calls for launch in c.launches):
             compiled, tail = kernel.variants[kernel.key(args, meta, self.device)]
-            template = []
-            for a in args:
+            fixed, slots = [], []  # the arguments that stay (the constexprs' values appended) and the others
+            for i, a in enumerate(args):
+                fixed.append(None if isinstance(a, torch.Tensor) else a)
                 if not isinstance(a, torch.Tensor):
-                    template.append((0, a))
-                elif id(a) not in by_id:
+                    continue
+                if id(a) not in by_id:
                     raise ValueError("every tensor argument of a replayed launch needs a role")
-                elif by_id[id(a)] in at:
-                    template.append((2, at[by_id[id(a)]][0]))
-                else:
-                    template.append((1, by_id[id(a)]))
+                role = by_id[id(a)]
+                slots.append((i, False, at[role][0]) if role in at else (i, True, role))
             g = grid + (1,) * (3 - len(grid))
-            self.steps.append((compiled, g, tuple(template), tail))
+            self.steps.append((compiled, g, fixed + list(tail), tuple(slots)))
 
     @classmethod
     def record(cls, calls: list, inputs: dict, keep: tuple = ()):
@@ -308,9 +307,11 @@ class Replay:
                 for name, i, shape in views:
                     tensors[name] = parts[i] if shape is None else parts[i].view(shape)
         stream = torch._C._cuda_getCurrentRawStream(self.device)
-        for compiled, g, template, tail in self.steps:
-            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *[v if kind == 0 else tensors[v] if kind == 1 else base + v for kind, v in template], *tail)
+        for compiled, g, fixed, slots in self.steps:
+            args = fixed.copy()
+            for i, tensor, v in slots:  # a tensor by its role, or a workspace piece by its byte offset
+                args[i] = tensors[v] if tensor else base + v
+            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
         return tensors
 
 

@@ -13,7 +13,8 @@ count for no expert and sit after every expert's run in `sorted_pairs` (offsets[
 the experts kernels give them no contribution.
 
 Kernels: one fused kernel for scoring + top-k + renormalise + per-block counts and ranks, one for the
-stable counting sort (plus a zero fill of a small counter table). Integer counting only: deterministic.
+stable counting sort (plus, beyond 64 count blocks, a zero fill of a small counter table). Integer counting
+only: deterministic. The integer buffers of a call are views of one allocation (see `_launch.Workspace`).
 The backward of the weights with respect to the logits is a few PyTorch ops on [T, E] (see
 `route_backward`); `route` is differentiable through `topk_weights`.
 
@@ -41,7 +42,9 @@ class RoutingPlan(NamedTuple):
 
     topk_weights [T, k] float32 (float64 for float64 logits), topk_ids [T, k] int32,
     expert_counts [E] int32, expert_offsets [E+1] int32 (offsets[e]..offsets[e+1] index expert e's run of
-    sorted_pairs), sorted_pairs [T*k] int32.
+    sorted_pairs), sorted_pairs [T*k] int32. Where the kernels make the plan outside torch.compile, the four
+    integer tensors are views of one allocation, so they share one version counter: writing into any of them
+    in place counts as changing topk_ids (`moe_experts(plan=...)` then refuses the plan).
     """
     topk_weights: torch.Tensor
     topk_ids: torch.Tensor

@@ -51,6 +51,23 @@ def test_route_buffers_share_one_allocation_without_overlap(monkeypatch, T, E, k
     assert len({_storage(t) for t in real}) == len(real)  # what the custom op returns aliases nothing
 
 
+@interpreter
+def test_writing_into_a_plan_tensor_invalidates_the_plan():
+    """The plan's integer tensors share one allocation and so one version counter (see RoutingPlan)."""
+    import symphony_kernels as sk
+
+    logits = torch.randn(20, 8)
+    x, gate_up, down = torch.randn(20, 16), torch.randn(8, 24, 16), torch.randn(8, 16, 12)
+    plan = sk.route(logits, 2)
+    sk.moe_experts(x, gate_up, down, plan.topk_weights, plan.topk_ids, plan=plan)
+    plan.expert_counts.add_(0)
+    with pytest.raises(ValueError, match="changed since"):
+        sk.moe_experts(x, gate_up, down, plan.topk_weights, plan.topk_ids, plan=plan)
+    plan = sk.route(logits, 2)
+    plan.topk_weights.mul_(2)  # the weights are an allocation of their own
+    sk.moe_experts(x, gate_up, down, plan.topk_weights, plan.topk_ids, plan=plan)
+
+
 class _Interpreted:
     """Stands in for a compiled variant: runs the kernel through the interpreter, turning every raw address
     (a workspace piece) back into a tensor over the workspace of the tensors the replay is filling in."""
@@ -96,9 +113,9 @@ def test_route_replay_runs_on_raw_addresses(monkeypatch, T, E, k, programs, gath
     recorded = torch.randn(T, E, generator=g)
     call, _ = _routing_launch.route_call(recorded, k, "softmax", True)
     replay, live = _replay_on_cpu(monkeypatch, [call], {"logits": recorded}, routing._PLAN_NAMES)
-    kinds = [(kind, role) for step in replay.steps for kind, role in step[2]]
-    assert {role for kind, role in kinds if kind == 1} == {"logits", "weights"}  # the rest: raw addresses
-    assert any(kind == 2 for kind, _ in kinds)
+    slots = [(tensor, v) for step in replay.steps for _, tensor, v in step[3]]
+    assert {v for tensor, v in slots if tensor} == {"logits", "weights"}  # the rest: raw addresses
+    assert any(not tensor for tensor, _ in slots)
     logits = torch.randn(T, E, generator=g)
     plans = []
     for _ in range(2):
