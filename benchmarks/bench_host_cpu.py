@@ -9,19 +9,20 @@ inference once the shape was seen: what bench_host times), `no replay` (eager in
 path: a shape's first call), `grad` (logits that need a gradient: the autograd Function). T = 20000 has more
 count blocks than sort programs, so its counter table is zero-filled.
 
-    python benchmarks/bench_host_cpu.py [--n 3000]     # prints a table (microseconds per call, best of 7)
+    python benchmarks/bench_host_cpu.py [--n 3000]     # prints a table (microseconds per call, best of 5)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the kernels' path (set before triton is imported)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
+
+from benchmarks import bench_host  # noqa: E402
 
 TOKENS = (1, 256, 4096, 20000)
 
@@ -83,15 +84,7 @@ class _AsCuda:
 
 
 def _time(fn, n: int) -> float:
-    for _ in range(50):
-        fn()
-    best = float("inf")
-    for _ in range(7):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best * 1e6
+    return bench_host._time(fn, n, sync=lambda: None)
 
 
 def measure(n: int = 3000, tokens=TOKENS, E: int = 64, k: int = 8) -> list[dict]:
