@@ -11,8 +11,8 @@ In one run, on one CUDA device, bf16:
    `Qwen3MoeExperts` module), ours launched eagerly and replayed from a CUDA graph, and the floor
    max(bytes / copy bandwidth, 6*T*k*d*f / matmul rate), bytes = weights of the experts actually touched +
    hidden states in and out;
-3. forward + backward at T = 4096 (gradients for hidden, routing weights and both expert weights): eager,
-   grouped_mm, ours;
+3. forward + backward at T = 4096 (`--fwd-bwd-tokens`; gradients for hidden, routing weights and both expert
+   weights): eager (up to T = 4096), grouped_mm, ours, each with the memory one step adds at its peak;
 4. routing: ours (`symphony_kernels.route`) against the torch chain (softmax in fp32, topk, renormalise,
    stable argsort of the flattened ids, bincount), bf16 logits.
 Median milliseconds through triton.testing.do_bench; where one shape's weights fit in L2 several copies are
@@ -181,23 +181,36 @@ def bench_fwd_bwd(name, shape, T, rate, quick, results):
             fn().backward(grad)
         return run
 
+    def timed(key, run):
+        row[key] = bench(run, quick)
+        # Memory of one step beyond what it starts with (activations saved for the backward, gradients,
+        # workspaces): the peak of a step after the timing, less the memory allocated before it.
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        row[key + "_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
     for impl in ("eager", "grouped_mm"):
+        if impl == "eager" and T > 4096:
+            continue  # a Python loop over experts: minutes of timing at this size, and no contender
         try:
             m = hf_module(gu, dn, impl, k, trainable=True)
-            row[impl] = bench(step(lambda: m(x, ids, w), [x, w, m.gate_up_proj, m.down_proj]), quick)
+            timed(impl, step(lambda: m(x, ids, w), [x, w, m.gate_up_proj, m.down_proj]))
         except Exception as e:  # noqa: BLE001
             row[impl + "_error"] = f"{type(e).__name__}: {e}"[:200]
         torch.cuda.empty_cache()
     gup = torch.nn.Parameter(gu)
     dnp = torch.nn.Parameter(dn)
-    row["ours"] = bench(step(lambda: sk.moe_experts(x, gup, dnp, w, ids), [x, w, gup, dnp]), quick)
+    timed("ours", step(lambda: sk.moe_experts(x, gup, dnp, w, ids), [x, w, gup, dnp]))
     for key in ("eager", "grouped_mm", "ours"):
         if key in row:
             row[key + "_tflops"] = row["flop"] / (row[key] * 1e-3) / 1e12
     row["peak_fraction_ours"] = row["flop"] / (row["ours"] * 1e-3) / rate
     results.append(row)
-    log(f"  fwd+bwd {name} T={T}: " + ", ".join(f"{key}={row[key]:.4g}" for key in ("eager", "grouped_mm", "ours")
-                                               if key in row))
+    log(f"  fwd+bwd {name} T={T}: " + ", ".join(f"{key}={row[key]:.4g} ms ({row[key + '_peak_extra_mb']:.0f} MB)"
+                                               for key in ("eager", "grouped_mm", "ours") if key in row))
     torch.cuda.empty_cache()
 
 
@@ -323,13 +336,15 @@ def table(results):
     if results["fwd_bwd"]:
         lines.append("")
         lines.append("| fwd+bwd (d,f,E,k) | T | eager ms (TFLOP/s) | grouped_mm ms (TFLOP/s) | ours ms (TFLOP/s) | "
-                     "grouped_mm / ours | ours % of peak |")
-        lines.append("|---|---|---|---|---|---|---|")
+                     "grouped_mm / ours | ours % of peak | step memory MB grouped_mm / ours |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for r in results["fwd_bwd"]:
             cell = lambda k: f"{r[k]:.3f} ({r[k + '_tflops']:.0f})" if k in r else "–"  # noqa: E731
             ratio = f"{r['grouped_mm'] / r['ours']:.2f}x" if "grouped_mm" in r else "–"
+            mem = " / ".join(f"{r[k + '_peak_extra_mb']:.0f}" if k + "_peak_extra_mb" in r else "–"
+                             for k in ("grouped_mm", "ours"))
             lines.append(f"| {r['shape']} {tuple(r['dfEk'])} | {r['T']} | {cell('eager')} | {cell('grouped_mm')} | "
-                         f"{cell('ours')} | {ratio} | {100 * r['peak_fraction_ours']:.0f}% |")
+                         f"{cell('ours')} | {ratio} | {100 * r['peak_fraction_ours']:.0f}% | {mem} |")
     if results["routing"]:
         lines.append("")
         lines.append("| routing E | k | T | torch chain | ours | ours (graph) | torch / ours | plan = reference |")
@@ -357,6 +372,9 @@ def main(argv=None):
     ap.add_argument("--tokens", nargs="+", type=int)
     ap.add_argument("--skip-routing", action="store_true")
     ap.add_argument("--skip-fwd-bwd", action="store_true")
+    ap.add_argument("--fwd-bwd-tokens", nargs="+", type=int, default=[4096],
+                    help="token counts of the forward + backward part (default 4096)")
+    ap.add_argument("--skip-experts", action="store_true", help="no forward-only part")
     ap.add_argument("--profile", action="store_true", help="also profile the host side of eager calls")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -377,13 +395,14 @@ def main(argv=None):
     results["ceilings"] = {"copy_TBps": copy_bw / 1e12, "matmul_TFLOPs": rate / 1e12}
     log(f"ceilings: copy {copy_bw / 1e12:.3f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     out_json = args.out / "bench_moe.json"
-    for name, shape in shapes:
+    for name, shape in shapes if not args.skip_experts else ():
         bench_experts(name, shape, tokens, copy_bw, rate, args.quick, results["experts"])
         out_json.write_text(json.dumps(results, indent=1))
     if not args.skip_fwd_bwd:
         for name, shape in shapes:
-            bench_fwd_bwd(name, shape, 4096, rate, args.quick, results["fwd_bwd"])
-        out_json.write_text(json.dumps(results, indent=1))
+            for T in args.fwd_bwd_tokens:
+                bench_fwd_bwd(name, shape, T, rate, args.quick, results["fwd_bwd"])
+                out_json.write_text(json.dumps(results, indent=1))
     if not args.skip_routing:
         bench_routing(args.quick, results["routing"], (4096, 65536) if args.quick else ROUTING_TOKENS)
     if args.profile:
