@@ -12,7 +12,8 @@ In one run, on one CUDA device, bf16:
    max(bytes / copy bandwidth, 6*T*k*d*f / matmul rate), bytes = weights of the experts actually touched +
    hidden states in and out;
 3. forward + backward at T = 4096 (`--fwd-bwd-tokens`; gradients for hidden, routing weights and both expert
-   weights): eager (up to T = 4096), grouped_mm, ours, each with the memory one step adds at its peak;
+   weights): eager (up to T = 4096), grouped_mm, ours, each with the memory its forward keeps for the backward
+   (saved tensors, inputs and weights excluded) and the peak one step adds, gradients included;
 4. routing: ours (`symphony_kernels.route`) against the torch chain (softmax in fp32, topk, renormalise,
    stable argsort of the flattened ids, bincount), bf16 logits.
 Median milliseconds through triton.testing.do_bench; where one shape's weights fit in L2 several copies are
@@ -181,15 +182,30 @@ def bench_fwd_bwd(name, shape, T, rate, quick, results):
             fn().backward(grad)
         return run
 
-    def timed(key, run):
+    def timed(key, run, forward, params):
         row[key] = bench(run, quick)
-        # Memory of one step beyond what it starts with (activations saved for the backward, gradients,
-        # workspaces): the peak of a step after the timing, less the memory allocated before it.
+        # Memory: what the forward keeps for the backward (the saved tensors' storages, inputs and weights
+        # excluded), and the peak of one step above what is allocated before it with no gradients held.
+        for p in params:
+            p.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run()
+        kept = {}
+        known = {t.untyped_storage().data_ptr() for t in params}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in known:
+                kept[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward()
+        out.backward(grad)
+        del out
         torch.cuda.synchronize()
+        row[key + "_saved_mb"] = sum(kept.values()) / 2 ** 20
         row[key + "_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
     for impl in ("eager", "grouped_mm"):
@@ -197,20 +213,24 @@ def bench_fwd_bwd(name, shape, T, rate, quick, results):
             continue  # a Python loop over experts: minutes of timing at this size, and no contender
         try:
             m = hf_module(gu, dn, impl, k, trainable=True)
-            timed(impl, step(lambda: m(x, ids, w), [x, w, m.gate_up_proj, m.down_proj]))
+            params = [x, w, m.gate_up_proj, m.down_proj]
+            timed(impl, step(lambda: m(x, ids, w), params), lambda: m(x, ids, w), params)
         except Exception as e:  # noqa: BLE001
             row[impl + "_error"] = f"{type(e).__name__}: {e}"[:200]
         torch.cuda.empty_cache()
     gup = torch.nn.Parameter(gu)
     dnp = torch.nn.Parameter(dn)
-    timed("ours", step(lambda: sk.moe_experts(x, gup, dnp, w, ids), [x, w, gup, dnp]))
+    params = [x, w, gup, dnp]
+    timed("ours", step(lambda: sk.moe_experts(x, gup, dnp, w, ids), params),
+          lambda: sk.moe_experts(x, gup, dnp, w, ids), params)
     for key in ("eager", "grouped_mm", "ours"):
         if key in row:
             row[key + "_tflops"] = row["flop"] / (row[key] * 1e-3) / 1e12
     row["peak_fraction_ours"] = row["flop"] / (row["ours"] * 1e-3) / rate
     results.append(row)
-    log(f"  fwd+bwd {name} T={T}: " + ", ".join(f"{key}={row[key]:.4g} ms ({row[key + '_peak_extra_mb']:.0f} MB)"
-                                               for key in ("eager", "grouped_mm", "ours") if key in row))
+    log(f"  fwd+bwd {name} T={T}: " + ", ".join(
+        f"{key}={row[key]:.4g} ms (saved {row[key + '_saved_mb']:.0f} MB, step peak {row[key + '_peak_extra_mb']:.0f} MB)"
+        for key in ("eager", "grouped_mm", "ours") if key in row))
     torch.cuda.empty_cache()
 
 
@@ -336,15 +356,17 @@ def table(results):
     if results["fwd_bwd"]:
         lines.append("")
         lines.append("| fwd+bwd (d,f,E,k) | T | eager ms (TFLOP/s) | grouped_mm ms (TFLOP/s) | ours ms (TFLOP/s) | "
-                     "grouped_mm / ours | ours % of peak | step memory MB grouped_mm / ours |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+                     "grouped_mm / ours | ours % of peak | saved for backward MB grouped_mm / ours | "
+                     "step peak MB grouped_mm / ours |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in results["fwd_bwd"]:
             cell = lambda k: f"{r[k]:.3f} ({r[k + '_tflops']:.0f})" if k in r else "–"  # noqa: E731
             ratio = f"{r['grouped_mm'] / r['ours']:.2f}x" if "grouped_mm" in r else "–"
-            mem = " / ".join(f"{r[k + '_peak_extra_mb']:.0f}" if k + "_peak_extra_mb" in r else "–"
-                             for k in ("grouped_mm", "ours"))
+            mem = lambda suffix: " / ".join(f"{r[k + suffix]:.0f}" if k + suffix in r else "–"  # noqa: E731
+                                            for k in ("grouped_mm", "ours"))
             lines.append(f"| {r['shape']} {tuple(r['dfEk'])} | {r['T']} | {cell('eager')} | {cell('grouped_mm')} | "
-                         f"{cell('ours')} | {ratio} | {100 * r['peak_fraction_ours']:.0f}% | {mem} |")
+                         f"{cell('ours')} | {ratio} | {100 * r['peak_fraction_ours']:.0f}% | {mem('_saved_mb')} | "
+                         f"{mem('_peak_extra_mb')} |")
     if results["routing"]:
         lines.append("")
         lines.append("| routing E | k | T | torch chain | ours | ours (graph) | torch / ours | plan = reference |")

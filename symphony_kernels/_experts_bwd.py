@@ -8,9 +8,10 @@ GEMM's output, [split, S, f] partials in intermediate-row order).
 - `_dact_kernel`: the activation backward, one program per BR intermediate rows looping over f: G (the sum of
   its split-K partials, in a fixed order), then dw[p] = sum_n G * h (the routing-weight gradient: each row
   reduced whole by one program, deterministic, no atomics), dh = w * G, d(gate) = dh * u * act'(g),
-  d(up) = dh * act(g). With one split, G is stored in d(gate)'s place and overwritten there (no extra
-  buffer); a barrier between its load and the stores keeps that safe whatever the layouts. Rows that are
-  no expert's (dropped pairs) get dw = 0 and no d(gate_up). Until issue 11 this was the d(inter) GEMM's
+  d(up) = dh * act(g) (`GRADS`); and the weighted intermediate w * h that the d(down) GEMM reads, recomputed
+  from the saved pre-activations rather than kept from the forward (`INTER`). With one split, G is stored in
+  d(gate)'s place and overwritten there (no extra buffer); a barrier between its load and the stores keeps
+  that safe whatever the layouts. Rows that are no expert's (dropped pairs) get dw = 0 and nothing else. Until issue 11 this was the d(inter) GEMM's
   epilogue, whose register pressure held that GEMM to 64x128 tiles and about 300 TFLOP/s on Mixtral.
 - `_wgrad_kernel`: dW[e] = sum over expert e's rows of A[row]^T B[row] (rows gathered by token or taken by
   intermediate row; A optionally scaled by the routing weight): d(down)[e] = (w dO[tok])^T h and
@@ -19,18 +20,18 @@ GEMM's output, [split, S, f] partials in intermediate-row order).
 import triton
 import triton.language as tl
 
-from ._tiles import activate_grad, expert_range, range_rows, swizzle
+from ._tiles import activate, activate_grad, expert_range, range_rows, swizzle
 
 DACT_DNS = ("sy_s", "S")
 WGRAD_DNS = ("S",)
 
 
 @triton.jit(do_not_specialize=DACT_DNS)
-def _dact_kernel(y_ptr, sy_s, sy_r, gu_ptr, sgu_r, dgu_ptr, sdgu_r, tw_ptr, dw_ptr,
+def _dact_kernel(y_ptr, sy_s, sy_r, gu_ptr, sgu_r, dgu_ptr, sdgu_r, inter_ptr, tw_ptr, dw_ptr,
                  ids_ptr, offsets_ptr, sorted_ptr, S, E, F, SPLIT: tl.constexpr,
-                 DECODE: tl.constexpr, IN_PLACE: tl.constexpr, ACT: tl.constexpr, AL: tl.constexpr,
-                 BR: tl.constexpr, BN: tl.constexpr):
-    # in AL units: sy_s, sy_r, sgu_r, sdgu_r, F
+                 DECODE: tl.constexpr, GRADS: tl.constexpr, IN_PLACE: tl.constexpr, INTER: tl.constexpr,
+                 ACT: tl.constexpr, AL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    # in AL units: sy_s, sy_r, sgu_r, sdgu_r, F (also inter's row stride)
     sy_s, sy_r, sgu_r, sdgu_r, F = sy_s * AL, sy_r * AL, sgu_r * AL, sdgu_r * AL, F * AL
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = r < S
@@ -44,23 +45,30 @@ def _dact_kernel(y_ptr, sy_s, sy_r, gu_ptr, sgu_r, dgu_ptr, sdgu_r, tw_ptr, dw_p
     w = tl.load(tw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     row = r.to(tl.int64)[:, None]
     dw = tl.zeros((BR,), dtype=tl.float32)
-    ty = dgu_ptr.dtype.element_ty
     for n0 in range(0, F, BN):
         n = n0 + tl.arange(0, BN)
         m = valid[:, None] & (n < F)[None, :]
-        g = tl.zeros((BR, BN), dtype=tl.float32)
-        for s in range(SPLIT):
-            g += tl.load(y_ptr + s * sy_s + row * sy_r + n[None, :], mask=m, other=0.0).to(tl.float32)
         gate = tl.load(gu_ptr + row * sgu_r + n[None, :], mask=m, other=0.0).to(tl.float32)
         up = tl.load(gu_ptr + row * sgu_r + F + n[None, :], mask=m, other=0.0).to(tl.float32)
-        act, dact = activate_grad(gate, ACT)
-        dw += tl.sum(g * (act * up), axis=1)
-        dh = g * w[:, None]
-        if IN_PLACE:  # G lives where d(gate) goes: every thread's load of it before any store
-            tl.debug_barrier()
-        tl.store(dgu_ptr + row * sdgu_r + n[None, :], (dh * up * dact).to(ty), mask=m)
-        tl.store(dgu_ptr + row * sdgu_r + F + n[None, :], (dh * act).to(ty), mask=m)
-    tl.store(dw_ptr + pair, tl.where(valid, dw, 0.0), mask=rmask)
+        if GRADS:
+            g = tl.zeros((BR, BN), dtype=tl.float32)
+            for s in range(SPLIT):
+                g += tl.load(y_ptr + s * sy_s + row * sy_r + n[None, :], mask=m, other=0.0).to(tl.float32)
+            act, dact = activate_grad(gate, ACT)
+            dw += tl.sum(g * (act * up), axis=1)
+            dh = g * w[:, None]
+            if IN_PLACE:  # G lives where d(gate) goes: every thread's load of it before any store
+                tl.debug_barrier()
+            ty = dgu_ptr.dtype.element_ty
+            tl.store(dgu_ptr + row * sdgu_r + n[None, :], (dh * up * dact).to(ty), mask=m)
+            tl.store(dgu_ptr + row * sdgu_r + F + n[None, :], (dh * act).to(ty), mask=m)
+        else:
+            act = activate(gate, ACT)
+        if INTER:
+            tl.store(inter_ptr + row * F + n[None, :], (act * up * w[:, None]).to(inter_ptr.dtype.element_ty),
+                     mask=m)
+    if GRADS:
+        tl.store(dw_ptr + pair, tl.where(valid, dw, 0.0), mask=rmask)
 
 
 @triton.jit(do_not_specialize=WGRAD_DNS)

@@ -146,8 +146,7 @@ def _combine(call, y, ids, T, N, E, k, dtype):
 
 
 def forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
-    """(call, out [T, d], gate_up pre-activations [S, 2f] or [0], inter [S, f] or [0]): the forward's launches,
-    not yet run. `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
+    """(call, out [T, d], gate_up pre-activations [S, 2f] or [0]): the forward's launches, not yet run. `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
     T, D = hidden.shape
     E, F2, _ = gate_up.shape
     k = ids.shape[1]
@@ -157,21 +156,22 @@ def forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, act
     inter, gu = _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, save, decode)
     y = _down(call, inter, down, True, weights, ids, offsets, sorted_pairs, S, E, D, F2 // 2, "down", decode)
     out = _combine(call, y, ids, T, D, E, k, hidden.dtype)
-    return call, out, (gu if save else inter.new_empty(0)), (inter if save else inter.new_empty(0))
+    return call, out, (gu if save else inter.new_empty(0))
 
 
 def experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
-    """(out [T, d], gate_up pre-activations [S, 2f] or [0], inter [S, f] or [0]) through the kernels."""
-    call, out, gu, inter = forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
+    """(out [T, d], gate_up pre-activations [S, 2f] or [0]) through the kernels."""
+    call, out, gu = forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
     call.run()
-    return out, gu, inter
+    return out, gu
 
 
 # ----------------------------------------------------------------------------------------------- backward
-def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu, inter,
+def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu,
                      activation: str, need_hidden: bool, need_gate_up: bool, need_down: bool, need_weights: bool):
-    """(d hidden, d gate_up, d down, d weights), each an empty tensor when not needed. `inter` is the saved
-    weighted intermediate w * act(gate) * up, `gu` the saved pre-activations."""
+    """(d hidden, d gate_up, d down, d weights), each an empty tensor when not needed. `gu` is the saved
+    pre-activations; the weighted intermediate w * act(gate) * up that d down needs is recomputed from them
+    by the activation-backward pass (the forward keeps [S, 2f] for the backward, not [S, 3f])."""
     T, D = hidden.shape
     E, F2, _ = gate_up.shape
     F, k = F2 // 2, ids.shape[1]
@@ -182,11 +182,16 @@ def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sor
     grad_out = grad_out.to(dt).contiguous()
     call = Call(dev)
 
-    if need_hidden or need_gate_up or need_weights:
+    grads = need_hidden or need_gate_up or need_weights
+    dgu = y = None
+    if grads:
         dgu = torch.empty((S, 2 * F), dtype=dt, device=dev)
         y = _down(call, grad_out, down, False, weights, ids, offsets, sorted_pairs, S, E, F, D, "dinter", decode,
                   k=k, into=dgu)
-        dw = _dact(call, y, gu, dgu, weights, ids, offsets, sorted_pairs, S, E, F, activation, decode)
+    inter = torch.empty((S, F), dtype=dt, device=dev) if need_down else None
+    if grads or need_down:
+        dw = _dact(call, y, gu, dgu, inter, weights, ids, offsets, sorted_pairs, S, E, F, activation, decode)
+    if grads:
         if need_hidden:
             y = _down(call, dgu, gate_up, False, weights, ids, offsets, sorted_pairs, S, E, D, 2 * F, "dx", decode)
             d_hidden = _combine(call, y, ids, T, D, E, k, dt)
@@ -202,22 +207,28 @@ def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sor
     return d_hidden, d_gate_up, d_down, d_weights
 
 
-def _dact(call, y, gu, dgu, weights, ids, offsets, sorted_pairs, S, E, F, activation, decode):
-    """dw [S] (float32, pair order), and d(gate_up) [S, 2f] written into dgu, from y = the d(inter) partials."""
-    dw = torch.empty(S, dtype=torch.float32, device=dgu.device)
+def _dact(call, y, gu, dgu, inter, weights, ids, offsets, sorted_pairs, S, E, F, activation, decode):
+    """dw [S] (float32, pair order) and d(gate_up) [S, 2f] written into dgu, from y = the d(inter) partials
+    (when dgu is given); the weighted intermediate [S, f] written into `inter` (when given)."""
+    grads = dgu is not None
+    dw = torch.empty(S if grads else 0, dtype=torch.float32, device=gu.device)
     call.buffers["dw"] = dw
-    split = y.shape[0]
-    in_place = split == 1  # `_down` wrote one split into dgu itself
-    sys_, syr = (S * dgu.stride(0), dgu.stride(0)) if in_place else (y.stride(0), y.stride(1))
+    split = y.shape[0] if grads else 1
+    in_place = grads and split == 1  # `_down` wrote one split into dgu itself
+    sdgu = dgu.stride(0) if grads else 0
+    sys_, syr = (0, 0) if not grads else (S * sdgu, sdgu) if in_place else (y.stride(0), y.stride(1))
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
     BN = min(256, next_pow2(F))
     BR = max(1, min(16, 2048 // BN))
-    al = _al(sys_, syr, gu.stride(0), dgu.stride(0), F)
-    sys_, syr, sgu, sdgu, uF = _units(al, sys_, syr, gu.stride(0), dgu.stride(0), F)
+    al = _al(sys_, syr, gu.stride(0), sdgu, F)
+    sys_, syr, sgu, usdgu, uF = _units(al, sys_, syr, gu.stride(0), sdgu, F)
+    # Absent outputs are given a tensor of the right dtype that the kernel never touches (flags off).
     call.add(_kernel("_dact_kernel"), (_cdiv(S, BR),),
-             (y, sys_, syr, gu, sgu, dgu, sdgu, weights, dw, ids, off, srt, S, E, uF),
-             (("SPLIT", split), ("DECODE", decode), ("IN_PLACE", in_place), ("ACT", _ACT_CODE[activation]),
-              ("AL", al), ("BR", BR), ("BN", BN), ("num_warps", 4)))
+             (y if grads else gu, sys_, syr, gu, sgu, dgu if grads else gu, usdgu,
+              inter if inter is not None else gu, weights, dw if grads else weights, ids, off, srt, S, E, uF),
+             (("SPLIT", split), ("DECODE", decode), ("GRADS", grads), ("IN_PLACE", in_place),
+              ("INTER", inter is not None), ("ACT", _ACT_CODE[activation]), ("AL", al), ("BR", BR), ("BN", BN),
+              ("num_warps", 4)))
     return dw
 
 
