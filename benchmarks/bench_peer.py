@@ -155,9 +155,6 @@ def bench_shape(peer, name, args, copy_bw, rate, rows):
         rows.append(row)
         log(f"  {name} T={T}: " + ", ".join(f"{v}={row[v].get('best', float('nan')):.4g}" for v in VARIANTS)
             + f", floor={row['floor']:.4g} ms, rel_err={row.get('rel_err', float('nan')):.2e}")
-    del gu, dn
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def table(results) -> str:
@@ -173,7 +170,8 @@ def table(results) -> str:
         lines.append(f"| {r['shape']} {tuple(r['dfEk'])} | {r['T']} | {r['floor']:.4f} | "
                      f"{cell(r, 'peer_over_floor')} | {cell(r, 'ours_over_floor')} | {cell(r, 'ours_over_peer')} | "
                      f"{cell(r, 'peer_planned_over_floor')} | {cell(r, 'ours_planned_over_floor')} | "
-                     f"{cell(r, 'ours_over_peer_planned')} | {cell(r, 'rel_err', '{:.1e}')} | {r.get('match', '–')} |")
+                     f"{cell(r, 'ours_over_peer_planned')} | {cell(r, 'rel_err', '{:.1e}')} | "
+                     f"{r.get('match', '–')} |")
     return "\n".join(lines)
 
 
@@ -197,6 +195,8 @@ def main(argv=None):
                 bench_shape(peer, name, args, copy_bw, rate, results["rows"])
             except pm.PeerError as e:
                 raise SystemExit(f"bench_peer.py: error: {e}") from None
+            if args.device == "cuda":
+                torch.cuda.empty_cache()  # this shape's weights
             write_json(args.out / "peer.json", results)
     results["seconds"] = time.time() - t0
     write_json(args.out / "peer.json", results)
