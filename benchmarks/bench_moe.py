@@ -71,6 +71,13 @@ def ceilings(quick):
     return copy_bw, rate
 
 
+def floor_ms(shape, T, touched, copy_bw, rate, itemsize=2):
+    """The roofline floor of one experts forward in ms: max(bytes / copy bandwidth, flops / matmul rate), bytes =
+    the weights of the `touched` experts + hidden states in and out, flops = 6*T*k*d*f."""
+    d, f, E, k = shape
+    return max((touched * 3 * d * f + 2 * T * d) * itemsize / copy_bw, 6 * T * k * d * f / rate) * 1e3
+
+
 def hf_module(gate_up, down, impl, k, trainable=False):
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -129,8 +136,8 @@ def bench_experts(name, shape, tokens, copy_bw, rate, quick, results):
         x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
         w, ids = routing_for(T, E, k, seed=T)
         touched = int(torch.unique(ids).numel())
-        floor_ms = max((touched * 3 * d * f * 2 + 2 * T * d * 2) / copy_bw, 6 * T * k * d * f / rate) * 1e3
-        row = {"shape": name, "dfEk": shape, "T": T, "floor": floor_ms, "touched": touched}
+        row = {"shape": name, "dfEk": shape, "T": T, "floor": floor_ms(shape, T, touched, copy_bw, rate),
+               "touched": touched}
         with torch.no_grad():
             ref = None
             for impl in ("eager", "batched_mm", "grouped_mm"):
