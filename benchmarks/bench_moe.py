@@ -11,8 +11,9 @@ In one run, on one CUDA device, bf16:
    `Qwen3MoeExperts` module), ours launched eagerly and replayed from a CUDA graph, and the floor
    max(bytes / copy bandwidth, 6*T*k*d*f / matmul rate), bytes = weights of the experts actually touched +
    hidden states in and out;
-3. forward + backward at T = 4096 (gradients for hidden, routing weights and both expert weights): eager,
-   grouped_mm, ours;
+3. forward + backward at T = 4096 (`--fwd-bwd-tokens`; gradients for hidden, routing weights and both expert
+   weights): eager (up to T = 4096), grouped_mm, ours, each with the memory its forward keeps for the backward
+   (saved tensors, inputs and weights excluded) and the peak one step adds, gradients included;
 4. routing: ours (`symphony_kernels.route`) against the torch chain (softmax in fp32, topk, renormalise,
    stable argsort of the flattened ids, bincount), bf16 logits.
 Median milliseconds through triton.testing.do_bench; where one shape's weights fit in L2 several copies are
@@ -68,6 +69,13 @@ def ceilings(quick):
     ms = bench(lambda: A @ B, quick)
     rate = 2 * 8192 ** 3 / (ms * 1e-3)
     return copy_bw, rate
+
+
+def floor_ms(shape, T, touched, copy_bw, rate, itemsize=2):
+    """The roofline floor of one experts forward in ms: max(bytes / copy bandwidth, flops / matmul rate), bytes =
+    the weights of the `touched` experts + hidden states in and out, flops = 6*T*k*d*f."""
+    d, f, E, k = shape
+    return max((touched * 3 * d * f + 2 * T * d) * itemsize / copy_bw, 6 * T * k * d * f / rate) * 1e3
 
 
 def hf_module(gate_up, down, impl, k, trainable=False):
@@ -128,8 +136,8 @@ def bench_experts(name, shape, tokens, copy_bw, rate, quick, results):
         x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
         w, ids = routing_for(T, E, k, seed=T)
         touched = int(torch.unique(ids).numel())
-        floor_ms = max((touched * 3 * d * f * 2 + 2 * T * d * 2) / copy_bw, 6 * T * k * d * f / rate) * 1e3
-        row = {"shape": name, "dfEk": shape, "T": T, "floor": floor_ms, "touched": touched}
+        row = {"shape": name, "dfEk": shape, "T": T, "floor": floor_ms(shape, T, touched, copy_bw, rate),
+               "touched": touched}
         with torch.no_grad():
             ref = None
             for impl in ("eager", "batched_mm", "grouped_mm"):
@@ -181,23 +189,55 @@ def bench_fwd_bwd(name, shape, T, rate, quick, results):
             fn().backward(grad)
         return run
 
+    def timed(key, run, forward, params):
+        row[key] = bench(run, quick)
+        # Memory: what the forward keeps for the backward (the saved tensors' storages, inputs and weights
+        # excluded), and the peak of one step above what is allocated before it with no gradients held.
+        for p in params:
+            p.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        kept = {}
+        known = {t.untyped_storage().data_ptr() for t in params}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in known:
+                kept[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward()
+        out.backward(grad)
+        del out
+        torch.cuda.synchronize()
+        row[key + "_saved_mb"] = sum(kept.values()) / 2 ** 20
+        row[key + "_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
     for impl in ("eager", "grouped_mm"):
+        if impl == "eager" and T > 4096:
+            continue  # a Python loop over experts: minutes of timing at this size, and no contender
         try:
             m = hf_module(gu, dn, impl, k, trainable=True)
-            row[impl] = bench(step(lambda: m(x, ids, w), [x, w, m.gate_up_proj, m.down_proj]), quick)
+            params = [x, w, m.gate_up_proj, m.down_proj]
+            timed(impl, step(lambda: m(x, ids, w), params), lambda: m(x, ids, w), params)
         except Exception as e:  # noqa: BLE001
             row[impl + "_error"] = f"{type(e).__name__}: {e}"[:200]
         torch.cuda.empty_cache()
     gup = torch.nn.Parameter(gu)
     dnp = torch.nn.Parameter(dn)
-    row["ours"] = bench(step(lambda: sk.moe_experts(x, gup, dnp, w, ids), [x, w, gup, dnp]), quick)
+    params = [x, w, gup, dnp]
+    timed("ours", step(lambda: sk.moe_experts(x, gup, dnp, w, ids), params),
+          lambda: sk.moe_experts(x, gup, dnp, w, ids), params)
     for key in ("eager", "grouped_mm", "ours"):
         if key in row:
             row[key + "_tflops"] = row["flop"] / (row[key] * 1e-3) / 1e12
     row["peak_fraction_ours"] = row["flop"] / (row["ours"] * 1e-3) / rate
     results.append(row)
-    log(f"  fwd+bwd {name} T={T}: " + ", ".join(f"{key}={row[key]:.4g}" for key in ("eager", "grouped_mm", "ours")
-                                               if key in row))
+    log(f"  fwd+bwd {name} T={T}: " + ", ".join(
+        f"{key}={row[key]:.4g} ms (saved {row[key + '_saved_mb']:.0f} MB, step peak {row[key + '_peak_extra_mb']:.0f} MB)"
+        for key in ("eager", "grouped_mm", "ours") if key in row))
     torch.cuda.empty_cache()
 
 
@@ -323,13 +363,17 @@ def table(results):
     if results["fwd_bwd"]:
         lines.append("")
         lines.append("| fwd+bwd (d,f,E,k) | T | eager ms (TFLOP/s) | grouped_mm ms (TFLOP/s) | ours ms (TFLOP/s) | "
-                     "grouped_mm / ours | ours % of peak |")
-        lines.append("|---|---|---|---|---|---|---|")
+                     "grouped_mm / ours | ours % of peak | saved for backward MB grouped_mm / ours | "
+                     "step peak MB grouped_mm / ours |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in results["fwd_bwd"]:
             cell = lambda k: f"{r[k]:.3f} ({r[k + '_tflops']:.0f})" if k in r else "–"  # noqa: E731
             ratio = f"{r['grouped_mm'] / r['ours']:.2f}x" if "grouped_mm" in r else "–"
+            mem = lambda suffix: " / ".join(f"{r[k + suffix]:.0f}" if k + suffix in r else "–"  # noqa: E731
+                                            for k in ("grouped_mm", "ours"))
             lines.append(f"| {r['shape']} {tuple(r['dfEk'])} | {r['T']} | {cell('eager')} | {cell('grouped_mm')} | "
-                         f"{cell('ours')} | {ratio} | {100 * r['peak_fraction_ours']:.0f}% |")
+                         f"{cell('ours')} | {ratio} | {100 * r['peak_fraction_ours']:.0f}% | {mem('_saved_mb')} | "
+                         f"{mem('_peak_extra_mb')} |")
     if results["routing"]:
         lines.append("")
         lines.append("| routing E | k | T | torch chain | ours | ours (graph) | torch / ours | plan = reference |")
@@ -357,6 +401,9 @@ def main(argv=None):
     ap.add_argument("--tokens", nargs="+", type=int)
     ap.add_argument("--skip-routing", action="store_true")
     ap.add_argument("--skip-fwd-bwd", action="store_true")
+    ap.add_argument("--fwd-bwd-tokens", nargs="+", type=int, default=[4096],
+                    help="token counts of the forward + backward part (default 4096)")
+    ap.add_argument("--skip-experts", action="store_true", help="no forward-only part")
     ap.add_argument("--profile", action="store_true", help="also profile the host side of eager calls")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -377,13 +424,14 @@ def main(argv=None):
     results["ceilings"] = {"copy_TBps": copy_bw / 1e12, "matmul_TFLOPs": rate / 1e12}
     log(f"ceilings: copy {copy_bw / 1e12:.3f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     out_json = args.out / "bench_moe.json"
-    for name, shape in shapes:
+    for name, shape in shapes if not args.skip_experts else ():
         bench_experts(name, shape, tokens, copy_bw, rate, args.quick, results["experts"])
         out_json.write_text(json.dumps(results, indent=1))
     if not args.skip_fwd_bwd:
         for name, shape in shapes:
-            bench_fwd_bwd(name, shape, 4096, rate, args.quick, results["fwd_bwd"])
-        out_json.write_text(json.dumps(results, indent=1))
+            for T in args.fwd_bwd_tokens:
+                bench_fwd_bwd(name, shape, T, rate, args.quick, results["fwd_bwd"])
+                out_json.write_text(json.dumps(results, indent=1))
     if not args.skip_routing:
         bench_routing(args.quick, results["routing"], (4096, 65536) if args.quick else ROUTING_TOKENS)
     if args.profile:

@@ -1,7 +1,7 @@
 """Launch configurations of the experts kernels, per kernel and shape class.
 
 A configuration is (BM, BN, BK, GROUP_M, num_warps, num_stages, split) where split is the split-K factor of
-`_down_kernel` (decode and small classes, chosen from the shape so that enough programs stream the weights).
+`_down_kernel` (the down, dX and d(inter) GEMMs; decode and small classes, chosen from the shape so that enough programs stream the weights).
 The tiles come from a rule (`rule`) on the kernel, the shape class and size thresholds, fitted to the
 winners of the sweep in `benchmarks/tune_moe.py` on an H100 (see benchmarks/NOTES-kernels.md).
 Under the Triton interpreter (CPU) every kernel runs on small tiles so that the tests stay fast.
@@ -82,7 +82,7 @@ def pick(kernel: str, S: int, E: int, N: int, K: int, interpret: bool, sm_count:
     if not interpret:
         cfg = _fit_smem(kernel, cfg, elsize)
     split = 1
-    if kernel in ("down", "dx") and cls != "large" and not interpret:
+    if kernel in ("down", "dx", "dinter") and cls != "large" and not interpret:
         split = _split_k(S, E, N, K, cfg, sm_count, decode)
     return cfg._replace(split=split)
 
@@ -113,10 +113,10 @@ def rule(kernel: str, cls: str, N: int, K: int) -> Config:
         if K <= 1024:
             return Config(128, 128, 64, 8, 8, 3)
         return Config(64, 128, 64, 8, 4, 4)
-    if kernel == "dinter":
-        if cls == "large" and K < 1024:
-            return Config(128, 64, 64, 8, 8, 4)
-        return Config(64, 128, 64, 8, 4, 4)
+    if kernel == "dinter":  # the gathered plain GEMM since issue 11 (the activation backward is its own pass)
+        if cls == "large":
+            return Config(128, 256, 64, 8, 8, 3)
+        return Config(128, 128, 64, 8, 8, 3)
     if kernel == "dx":
         return Config(128, 256 if cls == "large" else 128, 64, 8, 8, 3)
     if kernel == "wgrad":

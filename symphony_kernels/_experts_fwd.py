@@ -7,6 +7,8 @@
 - `_down_kernel`: y[split, pair, n] = a[hrow] @ b[e][:, n] over one slice of K (split-K for decode and small
   batches, where N alone gives too few programs); rows are scattered to pair order. b is read K-major (the
   down projection [E, d, f]) or N-major (`B_KMAJOR=False`: gate_up [E, 2f, d] for the backward's dX per pair).
+  The backward's d(inter) GEMM is this kernel too: a gathered by token (`A_BY_TOKEN`: dO[tok]), b = down[e]
+  N-major, rows written in intermediate order (`Y_BY_HROW`); `_experts_bwd._dact_kernel` does the rest.
 - `_combine_kernel`: out[t] = sum over slots j (then splits) of y[split, t*k + j] in float32, in a fixed
   order (deterministic, no atomics); dropped pairs are skipped. This is the one extra pass over [T*k, d].
 
@@ -81,7 +83,8 @@ def _up_kernel(x_ptr, sx_t, w_ptr, sw_e, sw_n, inter_ptr, si_r, gu_ptr, sg_r, tw
 def _down_kernel(a_ptr, sa_r, w_ptr, sw_e, sw_r, y_ptr, sy_s, sy_r, tw_ptr,
                  ids_ptr, offsets_ptr, sorted_ptr, S, E, N, KD, k_split, num_m,
                  EP: tl.constexpr, DECODE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
-                 B_KMAJOR: tl.constexpr, AL: tl.constexpr,
+                 B_KMAJOR: tl.constexpr, AL: tl.constexpr, TOPK: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+                 Y_BY_HROW: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # in AL units: sa_r, sw_e, sw_r (the weight's row stride), sy_s, sy_r, N, KD, k_split
     sa_r, sw_e, sw_r, sy_s, sy_r = sa_r * AL, sw_e * AL, sw_r * AL, sy_s * AL, sy_r * AL
@@ -97,7 +100,11 @@ def _down_kernel(a_ptr, sa_r, w_ptr, sw_e, sw_r, y_ptr, sy_s, sy_r, tw_ptr,
     k_lo = pid_k * k_split
     k_hi = tl.minimum(KD, k_lo + k_split)
     kk = k_lo + tl.arange(0, BK)
-    a_ptrs = a_ptr + (hrow.to(tl.int64) * sa_r)[:, None] + kk[None, :]
+    if A_BY_TOKEN:
+        arow = (pair // TOPK).to(tl.int64)
+    else:
+        arow = hrow.to(tl.int64)
+    a_ptrs = a_ptr + (arow * sa_r)[:, None] + kk[None, :]
     if B_KMAJOR:  # b[k, n] = w[e, n, k]
         b_ptrs = w_ptr + e.to(tl.int64) * sw_e + (n.to(tl.int64) * sw_r)[None, :] + kk[:, None]
         b_step = BK
@@ -117,7 +124,11 @@ def _down_kernel(a_ptr, sa_r, w_ptr, sw_e, sw_r, y_ptr, sy_s, sy_r, tw_ptr,
         b_ptrs += b_step
     if SCALE:
         acc = acc * tl.load(tw_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + pid_k.to(tl.int64) * sy_s + (pair.to(tl.int64) * sy_r)[:, None] + n[None, :]
+    if Y_BY_HROW:
+        yrow = hrow.to(tl.int64)
+    else:
+        yrow = pair.to(tl.int64)
+    y_ptrs = y_ptr + pid_k.to(tl.int64) * sy_s + (yrow * sy_r)[:, None] + n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 

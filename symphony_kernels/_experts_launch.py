@@ -105,22 +105,30 @@ def _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, 
     return inter, gu
 
 
-def _down(call, a, w, kmajor, weights, ids, offsets, sorted_pairs, S, E, N, KD, kernel, decode):
-    """y [split, S, N] in pair order: a[hrow] @ b[e], b[k, n] = w[e, n, k] (kmajor) or w[e, k, n]."""
+def _down(call, a, w, kmajor, weights, ids, offsets, sorted_pairs, S, E, N, KD, kernel, decode, k=1, into=None):
+    """y [split, S, N]: a[hrow] @ b[e] in pair order, b[k, n] = w[e, n, k] (kmajor) or w[e, k, n]; for
+    kernel "dinter", a[token] @ b[e] in intermediate-row order, written into `into` ([S, >= N], a's dtype)
+    when there is one split (y is then a view of it)."""
     cfg = _pick(kernel, S, E, N, KD, a)
     k_split = _cdiv(_cdiv(KD, cfg.split), cfg.BK) * cfg.BK
     split = _cdiv(KD, k_split)
-    y = torch.empty((split, S, N), dtype=torch.float32 if split > 1 else a.dtype, device=a.device)
+    dinter = kernel == "dinter"
+    if into is not None and split == 1:
+        y = into[:, :N].unsqueeze(0)
+        sys_, syr = S * into.stride(0), into.stride(0)
+    else:
+        y = torch.empty((split, S, N), dtype=torch.float32 if split > 1 else a.dtype, device=a.device)
+        sys_, syr = S * N, N
     call.buffers[f"y_{kernel}"] = y
     num_m = _num_m(decode, S, E, cfg.BM)
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
-    sa, swe, swr, sys_, syr = a.stride(0), w.stride(0), w.stride(1), S * N, N
+    sa, swe, swr = a.stride(0), w.stride(0), w.stride(1)
     al = _al(sa, swe, swr, sys_, syr, N, KD, k_split)
     sa, swe, swr, sys_, syr, uN, uKD, uks = _units(al, sa, swe, swr, sys_, syr, N, KD, k_split)
     call.add(_kernel("_down_kernel"), (num_m * _cdiv(N, cfg.BN), split),
              (a, sa, w, swe, swr, y, sys_, syr, weights, ids, off, srt, S, E, uN, uKD, uks, num_m),
              _meta(cfg, EP=next_pow2(E), DECODE=decode, SCALE=False, IEEE=a.dtype == torch.float32,
-                   B_KMAJOR=kmajor, AL=al))
+                   B_KMAJOR=kmajor, AL=al, TOPK=k, A_BY_TOKEN=dinter, Y_BY_HROW=dinter))
     return y
 
 
@@ -138,8 +146,7 @@ def _combine(call, y, ids, T, N, E, k, dtype):
 
 
 def forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
-    """(call, out [T, d], gate_up pre-activations [S, 2f] or [0], inter [S, f] or [0]): the forward's launches,
-    not yet run. `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
+    """(call, out [T, d], gate_up pre-activations [S, 2f] or [0]): the forward's launches, not yet run. `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
     T, D = hidden.shape
     E, F2, _ = gate_up.shape
     k = ids.shape[1]
@@ -149,56 +156,42 @@ def forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, act
     inter, gu = _up(call, hidden, gate_up, weights, ids, offsets, sorted_pairs, activation, save, decode)
     y = _down(call, inter, down, True, weights, ids, offsets, sorted_pairs, S, E, D, F2 // 2, "down", decode)
     out = _combine(call, y, ids, T, D, E, k, hidden.dtype)
-    return call, out, (gu if save else inter.new_empty(0)), (inter if save else inter.new_empty(0))
+    return call, out, (gu if save else inter.new_empty(0))
 
 
 def experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
-    """(out [T, d], gate_up pre-activations [S, 2f] or [0], inter [S, f] or [0]) through the kernels."""
-    call, out, gu, inter = forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
+    """(out [T, d], gate_up pre-activations [S, 2f] or [0]) through the kernels."""
+    call, out, gu = forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
     call.run()
-    return out, gu, inter
+    return out, gu
 
 
 # ----------------------------------------------------------------------------------------------- backward
-def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu, inter,
+def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu,
                      activation: str, need_hidden: bool, need_gate_up: bool, need_down: bool, need_weights: bool):
-    """(d hidden, d gate_up, d down, d weights), each an empty tensor when not needed. `inter` is the saved
-    weighted intermediate w * act(gate) * up, `gu` the saved pre-activations."""
+    """(d hidden, d gate_up, d down, d weights), each an empty tensor when not needed. `gu` is the saved
+    pre-activations; the weighted intermediate w * act(gate) * up that d down needs is recomputed from them
+    by the activation-backward pass (the forward keeps [S, 2f] for the backward, not [S, 3f])."""
     T, D = hidden.shape
     E, F2, _ = gate_up.shape
     F, k = F2 // 2, ids.shape[1]
     S = T * k
     dev, dt = hidden.device, hidden.dtype
     decode = _configs.decode_mode(S, E)
-    off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
     d_hidden, d_gate_up, d_down, d_weights = (hidden.new_empty(0) for _ in range(4))
     grad_out = grad_out.to(dt).contiguous()
     call = Call(dev)
 
-    if need_hidden or need_gate_up or need_weights:
-        cfg = _pick("dinter", S, E, F, D, hidden)
-        num_m = _num_m(decode, S, E, cfg.BM)
-        num_n = _cdiv(F, cfg.BN)
+    grads = need_hidden or need_gate_up or need_weights
+    dgu = y = None
+    if grads:
         dgu = torch.empty((S, 2 * F), dtype=dt, device=dev)
-        dwp = torch.empty((num_n, S), dtype=torch.float32, device=dev)
-        sg, swe, swr, sgu = grad_out.stride(0), down.stride(0), down.stride(1), gu.stride(0)
-        al = _al(sg, swe, swr, sgu, 2 * F, F, D)
-        sg, swe, swr, sgu, sdgu, uF, uD = _units(al, sg, swe, swr, sgu, 2 * F, F, D)
-        call.add(_kernel("_dinter_kernel"), (num_m * num_n,),
-                 (grad_out, sg, down, swe, swr, gu, sgu, dgu, sdgu, weights, dwp, ids, off, srt, S, E, uF, uD, num_m),
-                 _meta(cfg, TOPK=k, EP=next_pow2(E), DECODE=decode, ACT=_ACT_CODE[activation],
-                       IEEE=dt == torch.float32, AL=al))
-        call.run()
-        if need_weights:
-            flat_ids = ids.reshape(-1)
-            if decode:
-                live = (flat_ids >= 0) & (flat_ids < E)
-                dw = torch.where(live, dwp.sum(0), torch.zeros_like(dwp[0]))
-            else:
-                live = torch.arange(S, device=dev) < offsets[E]
-                vals = torch.where(live, dwp.sum(0), torch.zeros_like(dwp[0]))
-                dw = torch.zeros_like(vals).scatter_(0, sorted_pairs.long(), vals)
-            d_weights = dw.view(T, k).to(weights.dtype)
+        y = _down(call, grad_out, down, False, weights, ids, offsets, sorted_pairs, S, E, F, D, "dinter", decode,
+                  k=k, into=dgu)
+    inter = torch.empty((S, F), dtype=dt, device=dev) if need_down else None
+    if grads or need_down:
+        dw = _dact(call, y, gu, dgu, inter, weights, ids, offsets, sorted_pairs, S, E, F, activation, decode)
+    if grads:
         if need_hidden:
             y = _down(call, dgu, gate_up, False, weights, ids, offsets, sorted_pairs, S, E, D, 2 * F, "dx", decode)
             d_hidden = _combine(call, y, ids, T, D, E, k, dt)
@@ -209,7 +202,34 @@ def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sor
         d_down = _wgrad(call, grad_out, True, inter, False, weights, ids, offsets, sorted_pairs,
                         S, E, D, F, down.dtype, k, decode)
     call.run()
+    if need_weights:  # after the launches: a dtype conversion queued before them would read nothing yet
+        d_weights = dw.view(T, k).to(weights.dtype)
     return d_hidden, d_gate_up, d_down, d_weights
+
+
+def _dact(call, y, gu, dgu, inter, weights, ids, offsets, sorted_pairs, S, E, F, activation, decode):
+    """dw [S] (float32, pair order) and d(gate_up) [S, 2f] written into dgu, from y = the d(inter) partials
+    (when dgu is given); the weighted intermediate [S, f] written into `inter` (when given)."""
+    grads = dgu is not None
+    dw = torch.empty(S if grads else 0, dtype=torch.float32, device=gu.device)
+    call.buffers["dw"] = dw
+    split = y.shape[0] if grads else 1
+    in_place = grads and split == 1  # `_down` wrote one split into dgu itself
+    sdgu = dgu.stride(0) if grads else 0
+    sys_, syr = (0, 0) if not grads else (S * sdgu, sdgu) if in_place else (y.stride(0), y.stride(1))
+    off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)
+    BN = min(256, next_pow2(F))
+    BR = max(1, min(16, 2048 // BN))
+    al = _al(sys_, syr, gu.stride(0), sdgu, F)
+    sys_, syr, sgu, usdgu, uF = _units(al, sys_, syr, gu.stride(0), sdgu, F)
+    # Absent outputs are given a tensor of the right dtype that the kernel never touches (flags off).
+    call.add(_kernel("_dact_kernel"), (_cdiv(S, BR),),
+             (y if grads else gu, sys_, syr, gu, sgu, dgu if grads else gu, usdgu,
+              inter if inter is not None else gu, weights, dw if grads else weights, ids, off, srt, S, E, uF),
+             (("SPLIT", split), ("DECODE", decode), ("GRADS", grads), ("IN_PLACE", in_place),
+              ("INTER", inter is not None), ("ACT", _ACT_CODE[activation]), ("AL", al), ("BR", BR), ("BN", BN),
+              ("num_warps", 4)))
+    return dw
 
 
 def _wgrad(call, a, a_by_token, b, b_by_token, weights, ids, offsets, sorted_pairs, S, E, M, N, out_dtype, k,

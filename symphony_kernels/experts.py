@@ -7,8 +7,9 @@ Qwen2MoeExperts / Qwen3MoeExperts / MixtralExperts, so HF weights are used in pl
 
 Forward, three launches (plus the dispatch when no plan is given, outside decode mode):
 1. up GEMM: tokens gathered by expert through the plan, act(gate)*up and the routing weight fused in the
-   epilogue -> inter [S, f] (the weight sits here rather than in the down GEMM's epilogue: the same product,
-   and the backward's d(down) GEMM can then read `inter` as is instead of scaling rows inside its loop);
+   epilogue -> inter [S, f] (the weight sits here rather than in the down GEMM's epilogue: the same product);
+   with grad mode on, the gate/up pre-activations [S, 2f] are stored too: the one activation kept for the
+   backward;
 2. down GEMM: rows written in (token, slot) order;
    for decode (S = T*k <= 64, or a few more pairs over few experts: `_configs.decode_mode`) every expert's
    program takes its pairs by mask (no dispatch at all) and the down GEMM splits K so that enough programs
@@ -18,10 +19,11 @@ Forward, three launches (plus the dispatch when no plan is given, outside decode
    Mixtral prefill at T = 16384 and ~11 % of the Qwen3-30B-A3B forward at T = 4096 (benchmarks/RESULTS.md).
 
 Backward (`ops.ExpertsFunction` in eager mode, the custom op `symphony::moe_experts` under torch.compile):
-d(inter) GEMM with the routing-weight gradient and d(gate_up) in its epilogue (from the saved
-pre-activations), the gathered dX GEMM + combine, and per-expert weight-gradient GEMMs
-(d(down)[e] = dO[tok]^T inter, d(gate_up)[e] = d(gate_up)^T x[tok]). Deterministic: no
-float atomics anywhere.
+the d(inter) GEMM G = dO[tok] @ down[e] (the down kernel with rows gathered by token); one row pass for the
+activation backward (d(gate_up) and the routing-weight gradient, from G and the saved pre-activations) that
+also recomputes inter = w * act(gate) * up; the gathered dX GEMM + combine; per-expert weight-gradient GEMMs
+(d(down)[e] = dO[tok]^T inter, d(gate_up)[e] = d(gate_up)^T x[tok]). Deterministic: no float atomics
+anywhere.
 
 Precision: products run in the hidden dtype (weights stored in float32 are rounded to it on load, as under
 autocast) with float32 accumulation; float32 inputs use IEEE float32 products. float64 hidden states run the
@@ -188,8 +190,8 @@ def _inference(hidden, gate_up, down, weights, ids, activation, plan, decode, si
         offsets, sorted_pairs = plan.expert_offsets, plan.sorted_pairs
     else:
         dispatch, (_, offsets, sorted_pairs) = _routing_launch.dispatch_call(ids, E)
-    call, out, _, _ = _experts_launch.forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs,
-                                                   activation, False)
+    call, out, _ = _experts_launch.forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs,
+                                                activation, False)
     if hidden.is_cuda and not (call.ready() and (dispatch is None or dispatch.ready())) and _launch.may_defer(False) \
             and _fallback.available(hidden, gate_up, down):
         call.compile_in_background()

@@ -6,8 +6,9 @@ Ops (namespace `symphony`):
   differentiable in `logits` through `weights`;
 - `dispatch(ids, num_experts) -> (counts, offsets, sorted_pairs)`;
 - `moe_experts(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
-  -> (out, gate_up_act, inter)`, differentiable in hidden, gate_up, down and weights; `gate_up_act` / `inter`
-  are the saved pre-activations [S, 2f] and act(gate)*up [S, f] (empty unless `save`);
+  -> (out, gate_up_act)`, differentiable in hidden, gate_up, down and weights; `gate_up_act` is the saved
+  pre-activations [S, 2f] (empty unless `save`): the only activation the backward keeps (it recomputes
+  w * act(gate) * up from them);
 - `moe_experts_backward(...)`: its backward, itself an op so that compiled backward graphs call it.
 
 None of them syncs with the host; grids depend on shapes only, so they can be captured in CUDA graphs.
@@ -78,7 +79,7 @@ def dispatch_shapes(topk_ids, num_experts):
 @torch.library.custom_op("symphony::moe_experts", mutates_args=())
 def moe_experts_op(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
                    ids: torch.Tensor, offsets: torch.Tensor, sorted_pairs: torch.Tensor, activation: str,
-                   save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   save: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _experts.experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save)
 
 
@@ -88,14 +89,14 @@ def _(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, sa
     f = down.shape[-1]
     S = ids.shape[0] * ids.shape[1]
     new = hidden.new_empty
-    return new((T, d)), new((S, 2 * f) if save else (0,)), new((S, f) if save else (0,))
+    return new((T, d)), new((S, 2 * f) if save else (0,))
 
 
 def _experts_setup(ctx, inputs, output):
     hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save = inputs
     ctx.activation = activation
     ctx.saved = save
-    ctx.save_for_backward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, output[1], output[2])
+    ctx.save_for_backward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, output[1])
 
 
 def _experts_backward(ctx, grad_out, *_):
@@ -104,10 +105,10 @@ def _experts_backward(ctx, grad_out, *_):
     if not ctx.saved:
         raise RuntimeError("symphony::moe_experts ran with save=False, so it cannot be differentiated; call "
                            "symphony_kernels.moe_experts with grad mode on")
-    hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu, inter = ctx.saved_tensors
+    hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dgu, ddown, dw = moe_experts_backward_op(grad_out, hidden, gate_up, down, weights, ids, offsets,
-                                                 sorted_pairs, gu, inter, ctx.activation,
+                                                 sorted_pairs, gu, ctx.activation,
                                                  need[0], need[1], need[2], need[3])
     pick = lambda t, n: t if n else None  # noqa: E731
     return pick(dx, need[0]), pick(dgu, need[1]), pick(ddown, need[2]), pick(dw, need[3]), None, None, None, None, None
@@ -119,16 +120,16 @@ moe_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup
 @torch.library.custom_op("symphony::moe_experts_backward", mutates_args=())
 def moe_experts_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor, gate_up: torch.Tensor,
                             down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
-                            sorted_pairs: torch.Tensor, gu: torch.Tensor, inter: torch.Tensor, activation: str,
+                            sorted_pairs: torch.Tensor, gu: torch.Tensor, activation: str,
                             need_hidden: bool, need_gate_up: bool, need_down: bool,
                             need_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _experts.experts_backward(grad_out.contiguous(), hidden, gate_up, down, weights, ids, offsets,
-                                     sorted_pairs, gu, inter, activation,
+                                     sorted_pairs, gu, activation,
                                      need_hidden, need_gate_up, need_down, need_weights)
 
 
 @moe_experts_backward_op.register_fake
-def _(grad_out, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu, inter, activation,
+def _(grad_out, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu, activation,
       need_hidden, need_gate_up, need_down, need_weights):
     def like(t, need):
         return t.new_empty(t.shape) if need else hidden.new_empty(0)
@@ -157,20 +158,20 @@ class RouteFunction(torch.autograd.Function):
 class ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save):
-        out, gu, inter = _experts.experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs,
-                                                  activation, save)
+        out, gu = _experts.experts_forward(hidden, gate_up, down, weights, ids, offsets, sorted_pairs,
+                                           activation, save)
         _experts_setup(ctx, (hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation, save),
-                       (out, gu, inter))
+                       (out, gu))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if grad_out is None:
             return (None,) * 9
-        hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu, inter = ctx.saved_tensors
+        hidden, gate_up, down, weights, ids, offsets, sorted_pairs, gu = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = _experts.experts_backward(grad_out.contiguous(), hidden, gate_up, down, weights, ids, offsets,
-                                          sorted_pairs, gu, inter, ctx.activation, *need[:4])
+                                          sorted_pairs, gu, ctx.activation, *need[:4])
         return tuple(g if n else None for g, n in zip(grads, need[:4])) + (None,) * 5
 
 
