@@ -7,8 +7,14 @@ launch options (num_warps, num_stages), the dtypes of the pointer arguments and 
 integer width, the device, and, for every other integer (strides and sizes, fixed per model), what Triton
 specialises it on: being 1 (then a constant) or a multiple of 16. When every pointer is 16-byte aligned and
 every integer fits in int32, `Kernel.launch` keys its cache on exactly these and calls the compiled kernel's
-launcher directly: a few microseconds instead of Triton's full argument binding and specialisation per launch. Anything else (the interpreter, unaligned views, huge sizes, a launch hook set by a profiler) takes
+launcher directly: a few microseconds instead of Triton's full argument binding and specialisation per
+launch. Anything else (the interpreter, unaligned views, huge sizes, a launch hook set by a profiler) takes
 Triton's own `fn[grid](...)`, which is always correct.
+
+Replays. An eager inference call whose shapes were seen before replays the earlier call's launches
+(`Replay`): no configuration, key or check work. A call's int32 buffers lie in one allocation (`Workspace`):
+one allocator call per call instead of one per buffer, and a replay hands the pieces to the kernels as raw
+addresses (no per-pointer query in Triton's launcher); only the pieces the caller reads become tensors.
 
 Background compilation. The first call of a variant compiles it: 0.5-3 s per kernel with ptxas, several
 kernels per shape class, so the first `generate()` of a process would stall for seconds. In eager inference
@@ -212,19 +218,18 @@ class Workspace:
         self.zero = (min(zero), max(zero)) if zero else None
 
     def alloc(self, call: Call, device: torch.device, separate: bool = False) -> dict:
-        """name -> buffer, also added to `call.buffers`: views of one new allocation (`call.workspace`), or with
-        `separate` one allocation each (what a custom op must return: outputs that alias nothing)."""
+        """name -> buffer: views of one new allocation, recorded in `call` (its buffers and workspace) for a
+        Replay; or with `separate` one allocation each (what a custom op must return: outputs that alias
+        nothing), not recorded (such a call is never replayed)."""
         if separate:
-            bufs = {name: (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.int32, device=device)
+            return {name: (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.int32, device=device)
                     for name, shape, _, _, _, zeroed in self.pieces}
-        else:
-            ws = torch.empty(self.numel, dtype=torch.int32, device=device)
-            if self.zero is not None:
-                ws[self.zero[0]:self.zero[1]].zero_()
-            parts = ws.split_with_sizes(self.split)
-            bufs = {name: parts[i] if len(shape) == 1 else parts[i].view(shape)
-                    for name, shape, i, _, _, _ in self.pieces}
-            call.workspace = (self, ws)
+        ws = torch.empty(self.numel, dtype=torch.int32, device=device)
+        if self.zero is not None:
+            ws[self.zero[0]:self.zero[1]].zero_()
+        parts = ws.split_with_sizes(self.split)
+        bufs = {name: parts[i] if len(shape) == 1 else parts[i].view(shape) for name, shape, i, _, _, _ in self.pieces}
+        call.workspace = (self, ws)
         call.buffers.update(bufs)
         return bufs
 
