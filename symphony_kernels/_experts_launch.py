@@ -232,9 +232,26 @@ def _dact(call, y, gu, dgu, inter, weights, ids, offsets, sorted_pairs, S, E, F,
     return dw
 
 
+# The weight-gradient GEMMs reduce over rows: an operand gathered by token inside their loop puts a dependent
+# index load on every step. With this on, such an operand is first copied into row order ([S, d], one gather)
+# and the kernel reads rows directly. (A switch for the benchmarks to compare; on unless they say otherwise.)
+GATHER_ROWS = True
+
+
+def _in_row_order(t, decode, sorted_pairs, S, k):
+    """t[token of intermediate row r] for every row r < S (pair ids in decode mode, sorted positions else)."""
+    rows = torch.arange(S, device=t.device, dtype=torch.int32) if decode else sorted_pairs[:S]
+    return t.index_select(0, torch.div(rows, k, rounding_mode="floor"))
+
+
 def _wgrad(call, a, a_by_token, b, b_by_token, weights, ids, offsets, sorted_pairs, S, E, M, N, out_dtype, k,
            decode):
     """dW [E, M, N] = per expert, sum over its rows of a[row]^T b[row]."""
+    if GATHER_ROWS and S:  # the inputs are ready (the call's launches only write other buffers)
+        if a_by_token:
+            a, a_by_token = _in_row_order(a, decode, sorted_pairs, S, k), False
+        if b_by_token:
+            b, b_by_token = _in_row_order(b, decode, sorted_pairs, S, k), False
     cfg = _pick("wgrad", S, E, N, M, a)
     out = torch.empty((E, M, N), dtype=out_dtype, device=a.device)
     off, srt = _plan_ptrs(decode, ids, offsets, sorted_pairs)

@@ -179,6 +179,16 @@ def test_experts_split_k_paths(monkeypatch):
     _compare(5, 32, 48, 4, 2, seed=17, act="gelu")       # decode path
 
 
+def test_experts_weight_gradients_gathered_in_the_loop(monkeypatch):
+    """The weight-gradient kernels' by-token operands read through the plan inside their loop (what
+    GATHER_ROWS = False selects) give the same gradients as the default row-order copies."""
+    from symphony_kernels import _experts_launch
+
+    monkeypatch.setattr(_experts_launch, "GATHER_ROWS", False)
+    _compare(40, 40, 24, 8, 2, seed=18)                  # sorted path
+    _compare(5, 32, 48, 4, 2, seed=19)                   # decode path
+
+
 def test_experts_empty_batch():
     x, gate_up, down, w, ids = _problem(0, 16, 8, 4, 2, 15)
     leaves = [t.to(DEV).requires_grad_() for t in (x, gate_up, down, w)]
