@@ -181,6 +181,12 @@ class Call:
         for kernel, grid, args, meta in self.launches:
             kernel.launch(grid, args, meta, self.device)
 
+    def flush(self):
+        """Run the launches collected so far and forget them (before work queued outside the call reads
+        what they write)."""
+        self.run()
+        self.launches.clear()
+
     def ready(self) -> bool:
         return self.device < 0 or all(k.ready(args, meta, self.device) for k, _, args, meta in self.launches)
 
