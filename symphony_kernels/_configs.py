@@ -8,7 +8,8 @@ Under the Triton interpreter (CPU) every kernel runs on small tiles so that the 
 
 Kernels: "up" (N = f, K = d, two accumulators), "down" (N = d, K = f), "dinter" (N = f, K = d),
 "dx" (the down kernel on N = d, K = 2f), "wgrad" (per-expert [M, N] outputs, K = rows of the expert).
-Shape classes: "decode" (see `decode_mode`: one program row per expert, pairs taken by mask, no dispatch),
+Shape classes: "decode" (see `decode_mode`: one program row per expert, pairs taken by mask, or one per pair; no
+dispatch),
 "small" (S / E <= 256 rows per expert on average) and "large".
 """
 from __future__ import annotations
@@ -37,10 +38,18 @@ OVERRIDE: dict[str, Config] = {}
 DECODE_MAX_ROWS = 512  # masked tiles: at most E * next_pow2(S) rows of MMA work in all
 
 
-def decode_mode(S: int, E: int) -> bool:
-    """The masked per-expert tiles (no dispatch): S <= 64 pairs, or up to 256 pairs when E * next_pow2(S)
-    stays <= 512 (few experts: the MMA rows wasted on other experts' pairs cost less than a dispatch)."""
-    return S <= DECODE_MAX_PAIRS or (S <= 256 and E * _pow2_at_least(S, 16) <= DECODE_MAX_ROWS)
+PAIR_ROWS_MIN_RATIO = 8  # one program row per pair when E >= 8 * S
+
+
+def decode_mode(S: int, E: int) -> int:
+    """0: sorted tiles (a dispatch first). 1: the masked per-expert tiles (no dispatch): S <= 64 pairs, or up
+    to 256 pairs when E * next_pow2(S) stays <= 512 (few experts: the MMA rows wasted on other experts' pairs
+    cost less than a dispatch). 2: one program row per pair (no dispatch either) when there are at least 8 times
+    as many experts as pairs (T = 1 on fine-grained experts: per-expert rows would launch mostly empty
+    programs; two pairs on one expert, rare at this ratio, read its weights twice)."""
+    if not (S <= DECODE_MAX_PAIRS or (S <= 256 and E * _pow2_at_least(S, 16) <= DECODE_MAX_ROWS)):
+        return 0
+    return 2 if S * PAIR_ROWS_MIN_RATIO <= E else 1
 
 
 def shape_class(S: int, E: int) -> str:
@@ -70,6 +79,7 @@ def pick(kernel: str, S: int, E: int, N: int, K: int, interpret: bool, sm_count:
     operands of `elsize` bytes (float32 tiles take twice the shared memory: fewer stages, then smaller BK).
     Cached: the same arguments give the same object without recomputing (the eager launch path)."""
     cls = shape_class(S, E)
+    mode = decode_mode(S, E)
     decode = cls == "decode"
     if interpret:
         cfg = Config(decode_bm(S) if decode else 32, 32, 32, 4, 4, 1)
@@ -78,7 +88,13 @@ def pick(kernel: str, S: int, E: int, N: int, K: int, interpret: bool, sm_count:
     else:
         cfg = rule(kernel, cls, N, K)
     if decode and kernel != "wgrad":
-        cfg = cfg._replace(BM=decode_bm(S))
+        cfg = cfg._replace(BM=16 if mode == 2 else decode_bm(S))
+    elif cls == "small" and kernel != "wgrad" and not interpret and kernel not in OVERRIDE:
+        # Few rows per expert (fine-grained experts at small batches): a row tile much taller than an expert's
+        # rows multiplies rows of nothing; cap it at the next power of two of the mean rows per expert.
+        bm = _pow2_at_least(-(-S // E), 16)
+        if bm < cfg.BM:
+            cfg = cfg._replace(BM=bm, num_warps=4 if bm <= 32 else cfg.num_warps)
     if not interpret:
         cfg = _fit_smem(kernel, cfg, elsize)
     split = 1

@@ -54,7 +54,7 @@ def _meta(cfg, **constexprs) -> tuple:
 
 
 def _num_m(decode, S, E, BM):
-    return E if decode else _cdiv(S, BM) + E
+    return S if decode == 2 else E if decode else _cdiv(S, BM) + E
 
 
 def _plan_ptrs(decode, ids, offsets, sorted_pairs):

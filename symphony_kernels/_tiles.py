@@ -8,7 +8,8 @@ Two modes, chosen on the host from shapes alone (never from device data):
   past the last tile exit at once. A tile holds rows of one expert only, so no padding copies are made.
   Intermediate rows (`hrow`) are sorted positions.
 - decode (S = T*k <= BM): one program row per expert; it takes every pair whose id is e (a mask over all S
-  pairs, no dispatch needed) and exits at once when there is none. Intermediate rows are pair ids.
+  pairs, no dispatch needed) and exits at once when there is none. With many more experts than pairs
+  (`DECODE == 2`), one program row per pair instead, its expert read from the ids. Intermediate rows are pair ids.
 
 Pairs whose id lies outside [0, E) (dropped pairs) belong to no tile.
 """
@@ -32,7 +33,13 @@ def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def tile_rows(pid_m, offsets_ptr, sorted_ptr, ids_ptr, S, E,
               BM: tl.constexpr, EP: tl.constexpr, DECODE: tl.constexpr):
     """(e, hrow [BM], pair [BM], valid [BM]) of M tile `pid_m`; no row is valid when the tile is empty."""
-    if DECODE:
+    if DECODE == 2:  # one program row per pair: row 0 is pair pid_m, on its own expert
+        e = tl.load(ids_ptr + pid_m)
+        i = tl.arange(0, BM)
+        hrow = pid_m + i
+        valid = (i == 0) & (e >= 0) & (e < E)
+        pair = hrow
+    elif DECODE:
         e = pid_m
         hrow = tl.arange(0, BM)
         in_range = hrow < S

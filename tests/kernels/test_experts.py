@@ -95,9 +95,11 @@ def test_experts_fp32(T, d, f, E, k, act):
     _compare(T, d, f, E, k, act=act, seed=T)
 
 
-@pytest.mark.parametrize("T,E,k,grads", [(1, 1024, 32, False), (4, 300, 20, False), (5, 40, 24, True)])
+@pytest.mark.parametrize("T,E,k,grads", [(1, 1024, 32, False), (4, 300, 20, False), (5, 40, 24, True),
+                                         (2, 96, 4, True)])
 def test_experts_many_experts_and_large_top_k(T, E, k, grads):
-    """Up to 1024 experts and top-32 (Qwen3-Next has 512 x top-10): the decode and the sorted paths."""
+    """Up to 1024 experts and top-32 (Qwen3-Next has 512 x top-10): the sorted path, and the decode path with
+    one program row per pair (E >= 8 * T * k), gradients included."""
     _compare(T, 16, 8, E, k, seed=E, grads=grads)
 
 
@@ -141,7 +143,7 @@ def test_experts_with_plan_and_determinism():
     assert torch.equal(out, again)                       # bitwise: no atomics, fixed reduction order
 
 
-@pytest.mark.parametrize("T,E", [(8, 4), (40, 8)])     # decode and sorted paths
+@pytest.mark.parametrize("T,E", [(8, 4), (40, 8), (4, 64)])  # decode, sorted, decode with a row per pair
 def test_experts_dropped_pairs(T, E):
     x, gate_up, down, w, ids = _problem(T, 16, 16, E, 2, 14)
     ids[1, 0] = E                                         # transformers' expert-parallel sentinel
@@ -273,7 +275,9 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
     (BF16, 1, 896, 4864, 4, 2), (FP32, 1, 896, 4864, 4, 2), (FP16, 8, 256, 512, 128, 8),
     (FP32, 8, 256, 512, 128, 8), (BF16, 300, 512, 768, 8, 2), (FP16, 300, 512, 768, 8, 2),
     (FP32, 300, 512, 768, 8, 2), (BF16, 2048, 256, 192, 128, 8), (BF16, 1000, 200, 300, 5, 3),
-    (FP32, 1000, 200, 300, 5, 3)])
+    (FP32, 1000, 200, 300, 5, 3),
+    (BF16, 1, 256, 128, 512, 10), (FP32, 2, 256, 128, 512, 10),   # decode, a program row per pair
+    (BF16, 64, 256, 384, 128, 8), (FP32, 64, 512, 256, 512, 10)])  # sorted, few rows per expert: short tiles
 def test_experts_gpu(dtype, T, d, f, E, k):
     _compare(T, d, f, E, k, dtype=dtype, seed=T + E, act="gelu" if E == 5 else "silu")
 
