@@ -191,6 +191,13 @@ def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sor
     inter = torch.empty((S, F), dtype=dt, device=dev) if need_down else None
     if grads or need_down:
         dw = _dact(call, y, gu, dgu, inter, weights, ids, offsets, sorted_pairs, S, E, F, activation, decode)
+    if need_down:
+        d_down = _wgrad(call, grad_out, True, inter, False, weights, ids, offsets, sorted_pairs,
+                        S, E, D, F, down.dtype, k, decode)
+    # Memory: what only the steps so far read (the d(inter) partials, the recomputed intermediate, row-ordered
+    # copies) is released before the rest allocates; run what is queued, then drop the references.
+    call.flush()
+    y = inter = None
     if grads:
         if need_hidden:
             y = _down(call, dgu, gate_up, False, weights, ids, offsets, sorted_pairs, S, E, D, 2 * F, "dx", decode)
@@ -198,9 +205,6 @@ def experts_backward(grad_out, hidden, gate_up, down, weights, ids, offsets, sor
         if need_gate_up:
             d_gate_up = _wgrad(call, dgu, False, hidden, True, weights, ids, offsets, sorted_pairs,
                                S, E, 2 * F, D, gate_up.dtype, k, decode)
-    if need_down:
-        d_down = _wgrad(call, grad_out, True, inter, False, weights, ids, offsets, sorted_pairs,
-                        S, E, D, F, down.dtype, k, decode)
     call.run()
     if need_weights:  # after the launches: a dtype conversion queued before them would read nothing yet
         d_weights = dw.view(T, k).to(weights.dtype)
