@@ -87,7 +87,8 @@ def paper_paragraph(r: dict) -> str:
             f"It needs at least {r['gpus_needed']} H200s "
             f"({need['memory_per_gpu_bytes'] / 1e9:.0f} GB per GPU of {r['usable_bytes'] / 1e9:.0f} GB usable). "
             f"Measured: {m['tokens_per_s_per_gpu']:.0f} tokens/s per GPU for 4 x {m['size'].upper()} sources on "
-            f"{m['nproc']} H200s (FSDP2, bf16, micro-batch {m['micro_batch']} x {m['seq_len']} tokens per GPU); "
+            + (f"{m['nproc']} H200s (FSDP2, " if m["nproc"] > 1 else "one H200 (one process, no sharding, ")
+            + f"bf16, micro-batch {m['micro_batch']} x {m['seq_len']} tokens per GPU); "
             f"at the same model FLOP utilisation "
             f"the 4 x 7B MoE runs at {r['tokens_per_s_per_gpu']:.0f} tokens/s per GPU "
             f"({b['flops_per_token'] / 1e9:.1f} GFLOP per token), so {r['tokens'] / 1e9:g}B tokens take: {rows}. "
