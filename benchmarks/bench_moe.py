@@ -236,7 +236,8 @@ def bench_fwd_bwd(name, shape, T, rate, quick, results):
     row["peak_fraction_ours"] = row["flop"] / (row["ours"] * 1e-3) / rate
     results.append(row)
     log(f"  fwd+bwd {name} T={T}: " + ", ".join(
-        f"{key}={row[key]:.4g} ms (saved {row[key + '_saved_mb']:.0f} MB, step peak {row[key + '_peak_extra_mb']:.0f} MB)"
+        f"{key}={row[key]:.4g} ms (saved {row[key + '_saved_mb']:.0f} MB, "
+        f"step peak {row[key + '_peak_extra_mb']:.0f} MB)"
         for key in ("eager", "grouped_mm", "ours") if key in row))
     torch.cuda.empty_cache()
 

@@ -1,16 +1,16 @@
 """Launch configurations of the experts kernels, per kernel and shape class.
 
 A configuration is (BM, BN, BK, GROUP_M, num_warps, num_stages, split) where split is the split-K factor of
-`_down_kernel` (the down, dX and d(inter) GEMMs; decode and small classes, chosen from the shape so that enough programs stream the weights).
+`_down_kernel` (the down, dX and d(inter) GEMMs; decode and small classes, chosen from the shape so that
+enough programs stream the weights).
 The tiles come from a rule (`rule`) on the kernel, the shape class and size thresholds, fitted to the
 winners of the sweep in `benchmarks/tune_moe.py` on an H100 (see benchmarks/NOTES-kernels.md).
 Under the Triton interpreter (CPU) every kernel runs on small tiles so that the tests stay fast.
 
 Kernels: "up" (N = f, K = d, two accumulators), "down" (N = d, K = f), "dinter" (N = f, K = d),
 "dx" (the down kernel on N = d, K = 2f), "wgrad" (per-expert [M, N] outputs, K = rows of the expert).
-Shape classes: "decode" (see `decode_mode`: one program row per expert, pairs taken by mask, or one per pair; no
-dispatch),
-"small" (S / E <= 256 rows per expert on average) and "large".
+Shape classes: "decode" (see `decode_mode`: one program row per expert, pairs taken by mask, or one per pair;
+no dispatch), "small" (S / E <= 256 rows per expert on average) and "large".
 """
 from __future__ import annotations
 

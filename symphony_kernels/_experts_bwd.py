@@ -11,8 +11,9 @@ GEMM's output, [split, S, f] partials in intermediate-row order).
   d(up) = dh * act(g) (`GRADS`); and the weighted intermediate w * h that the d(down) GEMM reads, recomputed
   from the saved pre-activations rather than kept from the forward (`INTER`). With one split, G is stored in
   d(gate)'s place and overwritten there (no extra buffer); a barrier between its load and the stores keeps
-  that safe whatever the layouts. Rows that are no expert's (dropped pairs) get dw = 0 and nothing else. Until issue 11 this was the d(inter) GEMM's
-  epilogue, whose register pressure held that GEMM to 64x128 tiles and about 300 TFLOP/s on Mixtral.
+  that safe whatever the layouts. Rows that are no expert's (dropped pairs) get dw = 0 and nothing else.
+  Until issue 11 this was the d(inter) GEMM's epilogue, whose register pressure held that GEMM to 64x128
+  tiles and about 300 TFLOP/s on Mixtral.
 - `_wgrad_kernel`: dW[e] = sum over expert e's rows of A[row]^T B[row] (rows gathered by token or taken by
   intermediate row; A optionally scaled by the routing weight): d(down)[e] = (w dO[tok])^T h and
   d(gate_up)[e] = d(gate_up)^T x[tok]. One program per (expert, output tile); experts with no rows write 0.

@@ -146,7 +146,8 @@ def _combine(call, y, ids, T, N, E, k, dtype):
 
 
 def forward_call(hidden, gate_up, down, weights, ids, offsets, sorted_pairs, activation: str, save: bool):
-    """(call, out [T, d], gate_up pre-activations [S, 2f] or [0]): the forward's launches, not yet run. `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
+    """(call, out [T, d], gate_up pre-activations [S, 2f] or [0]): the forward's launches, not yet run.
+    `ids`/`weights` contiguous [T, k]; offsets/sorted_pairs the plan (unused in decode mode)."""
     T, D = hidden.shape
     E, F2, _ = gate_up.shape
     k = ids.shape[1]
@@ -249,8 +250,9 @@ def _in_row_order(t, decode, sorted_pairs, S, k):
 
 
 # On Hopper, bf16 weight gradients of the sorted (non-decode) path go to torch._grouped_mm's 2D x 2D form
-# (cuBLAS's grouped GEMM, reducing over each expert's rows), measured 1.25-1.6x faster than the Triton kernel
-# on the benchmark shapes (NOTES-kernels.md, issue 11). Everything else runs `_wgrad_kernel`.
+# (cuBLAS's grouped GEMM, reducing over each expert's rows), measured 1.27-1.51x faster than the Triton kernel
+# on the benchmark shapes (benchmarks/bench_wgrad.py; RESULTS.md, "Training"). Everything else runs
+# `_wgrad_kernel`.
 GROUPED_MM_WGRAD = True
 _CAPABILITY: dict = {}
 
