@@ -71,14 +71,28 @@ def domain_text(domain: str, n_lines: int, seed: int = 0) -> list[str]:
     return [_GENERATORS[domain](rng) for _ in range(n_lines)]
 
 
+def qwen2_pretokenization():
+    """(pre_tokenizer, normalizer) of transformers' Qwen2Tokenizer: NFC, Qwen2's split regex (every digit its own
+    pre-token), then bytes. transformers 5 loads the tokenizer of a qwen2 / qwen2_moe checkpoint folder as
+    Qwen2Tokenizer, which rebuilds the pre-tokenizer from that regex whatever tokenizer.json says; a tokenizer
+    trained with these tokenizes the same in memory and once saved and loaded, in any architecture's folder."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+            normalizers.NFC())
+
+
 def make_tokenizer(texts: list[str], vocab_size: int = 320):
-    """A byte-level BPE fast tokenizer trained offline on `texts` (deterministic for the same texts)."""
+    """A byte-level BPE fast tokenizer trained offline on `texts` (deterministic for the same texts), with
+    Qwen2's pre-tokenization (`qwen2_pretokenization`), so that a fixture checkpoint tokenizes as it was trained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|pad|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer, tok.normalizer = qwen2_pretokenization()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -75,3 +75,20 @@ def test_bad_arguments(tmp_path):
         make_family(tmp_path, arch="gpt2")
     with pytest.raises(ValueError, match="vocab"):
         make_family(tmp_path, vocab="mixed")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_fixture_tokenizer_tokenizes_as_trained_once_loaded(tmp_path, arch):
+    """A fixture checkpoint's tokenizer, loaded the way sources are loaded, gives the ids it was trained with
+    (transformers rebuilds a qwen2 folder's pre-tokenizer from Qwen2's regex: the fixture uses that one)."""
+    from symphony.data import load_tokenizer
+    from symphony.testing import domain_text, make_tokenizer, tiny_config
+
+    texts = domain_text("code", 60, 0) + domain_text("math", 60, 0)
+    tok = make_tokenizer(texts)
+    folder = tmp_path / arch
+    tiny_config(arch, len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    loaded = load_tokenizer(folder)
+    for text in texts[:40] + ["x = 12345 + 67  # digits", "  indented\n\tTabs and CamelCase"]:
+        assert loaded(text)["input_ids"] == tok(text)["input_ids"], text

@@ -120,12 +120,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     trained with another pre-tokenizer therefore tokenizes differently once saved and loaded: the issue-6 family
     (digits + GPT-2 byte level) was trained on one tokenization and evaluated on another, with 10% more tokens for
     code (RESULTS.md, "Why full post-training lowered the code loss so much"). `saved_tokenizer` checks it."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from symphony.testing import qwen2_pretokenization
 
-    return bpe_tokenizer(texts, vocab_size, pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC())
+    return bpe_tokenizer(texts, vocab_size, *qwen2_pretokenization())
 
 
 def bpe_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer, normalizer=None):
