@@ -167,6 +167,7 @@ def worker(args):
         result = run_parts(args, device)
         if dist.get_rank() == 0:
             args.result.write_text(json.dumps(result))
+        dist.barrier()  # the ranks leave together (see symphony.train.distributed.train_fsdp)
     finally:
         dist.destroy_process_group()
 

@@ -135,7 +135,11 @@ def train_fsdp(model_dir, texts: list[str], cfg: RouterTrainingConfig, out_dir, 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     try:
-        return _train(model_dir, texts, cfg, out_dir, device, resume, checkpoint_dir, progress)
+        result = _train(model_dir, texts, cfg, out_dir, device, resume, checkpoint_dir, progress)
+        # Every rank returns once rank 0 has written the model, and the ranks leave together: a gloo process
+        # that exits while another still works can abort in its shutdown ("terminate called...").
+        dist.barrier()
+        return result
     finally:
         if own_group:
             dist.destroy_process_group()
