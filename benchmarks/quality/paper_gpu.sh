@@ -19,7 +19,7 @@ preset=${PAPER_PRESET:-gpu}
 work=${PAPER_WORK:-${TMPDIR:-/tmp}/paper-$preset}
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ "$preset" = gpu ] && [ ! -f benchmarks/quality/data-paper/manifest.json ]; then
+if { [ "$preset" = gpu ] || [ "$preset" = cpu ]; } && [ ! -f benchmarks/quality/data-paper/manifest.json ]; then
   echo "paper_gpu.sh: benchmarks/quality/data-paper is missing: run paperdata.py and carry it" >&2; exit 1
 fi
 mkdir -p "$out"

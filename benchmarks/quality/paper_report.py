@@ -57,6 +57,10 @@ def merge(parts: list[dict]) -> dict:
     hashes = {p["family"] for p in out["parts"].values()}
     hashes |= {r["family"] for e in out["contenders"].values() for r in e.get("runs", []) if r.get("family")}
     out["families_agree"] = len(hashes) == 1
+    # a part run with other settings (e.g. --study-set stage2_lr=...) is named, not silently mixed in
+    out["settings_differ"] = {str(r["part"]): {k: v for k, v in r.get("settings", {}).items()
+                                               if (first.get("settings") or {}).get(k) != v}
+                              for r in parts[1:] if r.get("settings") != first.get("settings")}
     return out
 
 
@@ -121,6 +125,10 @@ def markdown(results: dict) -> str:
              + ("every part used the same family weights" if results["families_agree"] else
                 "**the parts' families differ** (" + ", ".join(f"part {k}: {v['family']}"
                                                               for k, v in results["parts"].items()) + ")") + "."]
+    if results.get("settings_differ"):
+        lines += ["", "**The parts' settings differ** from part " + str(next(iter(results["parts"]))) + "'s: "
+                  + "; ".join(f"part {p}: " + ", ".join(f"{k} = {v}" for k, v in d.items())
+                              for p, d in results["settings_differ"].items()) + "."]
     lines += ["", "## Test loss (mean next-token NLL; mean ± std over seeds)", ""]
     lines += qreport.loss_table(results["contenders"], domains, ood, ood_mean=len(ood) > 1)
     g = goal(results)

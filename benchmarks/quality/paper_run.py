@@ -1,6 +1,6 @@
 """The paper-protocol study (issue 13), one part per GPU run of at most 10 minutes.
 
-    python benchmarks/quality/paper_run.py --part N --out DIR [--work DIR] [--preset gpu|toy|micro]
+    python benchmarks/quality/paper_run.py --part N --out DIR [--work DIR] [--preset gpu|cpu|toy|micro]
 
 Every part builds the paper family (paperfamily.py) unless WORK/family holds one of the same recipe and data
 (a warm machine keeps it between calls; a fresh one trains it again, deterministically), then makes, post-trains
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="folder for results-partN.json (e.g. $OUT on the GPU machine)")
     p.add_argument("--work", help="folder for the family, texts and models (default: a folder in the temp dir)")
     p.add_argument("--data", help="paper-layout data (default benchmarks/quality/data-paper; toy: WORK/data)")
-    p.add_argument("--preset", default="gpu", choices=("gpu", "toy", "micro"))
+    p.add_argument("--preset", default="gpu", choices=("gpu", "cpu", "toy", "micro"))
     p.add_argument("--only", nargs="+", metavar="NAME")
     p.add_argument("--previous", help="results-partN.json of an earlier run of this part: keep its contenders")
     p.add_argument("--missing-only", action="store_true", help="with --previous: run only what it lacks")
@@ -131,8 +131,9 @@ def run_part(args) -> dict:
     fam_cfg = PaperFamilyConfig.preset(args.preset, **_overrides(args.family_set))
     settings = PaperSettings.preset(args.preset, **study_set)
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / f"paper-study-{args.preset}"
-    data_dir = Path(args.data) if args.data else (HERE / "data-paper" if args.preset == "gpu" else work / "data")
-    if not args.data and args.preset != "gpu":
+    full_data = args.preset in ("gpu", "cpu")  # the paper layout of paperdata.py; toy sizes make toy data
+    data_dir = Path(args.data) if args.data else (HERE / "data-paper" if full_data else work / "data")
+    if not args.data and not full_data:
         try:
             paperdata.roles(qdata.read_manifest(data_dir))
         except qdata.DataError:

@@ -55,6 +55,12 @@ class PaperFamilyConfig(FamilyConfig):
                     seq_len=2048, batch_size=16, base_tokens=20_000_000, base_b_tokens=20_000_000,
                     coder_tokens=5_000_000, specialist_tokens=2_500_000, base_lr=1.5e-3, specialist_lr=5e-4,
                     warmup=0.05, tokenizer_bytes=2_000_000, eval_bytes=200_000, log_every=50),
+        # 1.3M parameters (hidden 128, 4 layers, FFN 384, context 256), 10M training tokens in all: the study at
+        # a size two CPU cores train in about 15 minutes (where no GPU time is left)
+        "cpu": dict(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                    seq_len=256, batch_size=16, base_tokens=4_000_000, base_b_tokens=4_000_000,
+                    coder_tokens=1_000_000, specialist_tokens=500_000, base_lr=3e-3, specialist_lr=1e-3,
+                    warmup=0.05, tokenizer_bytes=1_000_000, eval_bytes=100_000, log_every=50),
         # seconds on a CPU
         "toy": dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                     seq_len=64, batch_size=8, base_tokens=8 * 64 * 60, base_b_tokens=8 * 64 * 60,

@@ -50,12 +50,17 @@ class PaperSettings:
     stage2_steps: int = 306          # x 16 windows x 2048 tokens = 10.03M tokens
     stage2_batch_size: int = 16
     stage2_bytes: int = 6_000_000    # per training domain
+    stage2_lr: float = 5e-5          # preset: paper's constant learning rate (a study of another size may vary it)
     seeds: int = 3
     drop_ratio: float = 0.5
     cka_tokens: int = 32_768
 
     PRESETS = {
         "gpu": {},
+        # stage 2: 128 steps x 16 windows x 256 tokens = 0.52M tokens per run
+        "cpu": dict(test_bytes=100_000, val_bytes=50_000, em_problems=200, eval_batch_size=16, calib_bytes=300_000,
+                    align_tokens=65_536, align_batch_size=16, stage2_steps=128, stage2_batch_size=16,
+                    stage2_bytes=2_000_000, cka_tokens=16_384),
         "toy": dict(test_bytes=10_000, val_bytes=5_000, em_problems=40, eval_batch_size=8, calib_bytes=20_000,
                     align_tokens=4096, align_batch_size=8, stage2_steps=6, stage2_batch_size=4, stage2_bytes=20_000,
                     seeds=2, cka_tokens=2048),
@@ -180,7 +185,8 @@ class PaperStudy:
         cfg = self.pipeline_config(moe, seed)
         s = self.settings
         cfg["router_training"] = {"steps": s.stage2_steps, "batch_size": s.stage2_batch_size,
-                                  "seq_len": self.family_cfg.seq_len, "log_every": max(1, s.stage2_steps)}
+                                  "seq_len": self.family_cfg.seq_len, "log_every": max(1, s.stage2_steps),
+                                  "lr": s.stage2_lr}
         rt = parse_config(cfg).router_training
         rt.seed = seed
         return rt
@@ -348,4 +354,5 @@ class PaperStudy:
             run = self.evaluate(_as_saved(model, self.device), tok, sources)
             run["params"] = {"total": total, "active": active}
             del model
-        return {"stage2": {k: v for k, v in stage2.items() if k not in ("losses", "expert_load")}, **run}
+        return {"stage2": {**{k: v for k, v in stage2.items() if k not in ("losses", "expert_load")}, "lr": rt.lr},
+                **run}

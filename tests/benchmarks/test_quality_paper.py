@@ -183,7 +183,7 @@ def test_paper_chain_end_to_end(tmp_path):
     _run([run, "--part", "0", "--preset", "micro", "--data", str(data), "--work", str(tmp_path / "w0"),
           "--out", str(tmp_path / "out"), "--quiet"], env)
     _run([run, "--part", "9", "--preset", "micro", "--data", str(data), "--work", str(tmp_path / "w9"),
-          "--out", str(tmp_path / "out"), "--quiet"], env)
+          "--out", str(tmp_path / "out"), "--quiet", "--study-set", "stage2_lr=2e-3"], env)
     _run(["benchmarks/quality/paper_report.py", str(tmp_path / "out/results-part0.json"),
           str(tmp_path / "out/results-part9.json"), "--out", str(tmp_path / "report")], env)
 
@@ -201,6 +201,9 @@ def test_paper_chain_end_to_end(tmp_path):
     assert c["plain-embed"]["same_as"] == "symphony" and c["plain-embed"]["check"]["identical"]
     assert c["drop-upcycling"]["summary"]["loss"] != c["btx"]["summary"]["loss"]
     assert c["symphony"]["runs"][0]["stage2"]["tokens"] == 2 * 2 * r0["family_config"]["seq_len"]
+    assert c["symphony"]["runs"][0]["stage2"]["lr"] == 5e-5  # preset: paper's, unless the study sets another
+    r9 = json.loads((tmp_path / "out/results-part9.json").read_text())
+    assert all(r["stage2"]["lr"] == 2e-3 for r in r9["contenders"]["calib-general"]["runs"])
     # the fourth source (base B) has its neurons in another order: matching moves (nearly) all of them
     moved = {d: n["mean_moved"] for d, n in r0["drift"]["neurons"].items()}
     fourth = r0["roles"]["fourth"]
@@ -215,7 +218,9 @@ def test_paper_chain_end_to_end(tmp_path):
 
     merged = json.loads((tmp_path / "report/paper-results.json").read_text())
     assert merged["families_agree"]  # part 9 trained its own family: bit for bit the same weights
+    assert merged["settings_differ"] == {"9": {"stage2_lr": 2e-3}}
     assert merged["contenders"]["calib-general"]["part"] in (0, 9)
     md = (tmp_path / "report/paper-results.md").read_text()
+    assert "part 9: stage2_lr = 0.002" in md
     assert "| `symphony` beats `btx` |" in md and "## The issue's goal" in md and "no such control" in md
     assert (tmp_path / "report/paper-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
