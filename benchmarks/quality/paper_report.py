@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
@@ -22,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` impo
 
 from benchmarks.quality import papercontenders as pc  # noqa: E402
 from benchmarks.quality import report as qreport  # noqa: E402
+from benchmarks.quality.paperstudy import PaperSettings  # noqa: E402
 
 CLAIMS = [("symphony", "drop-upcycling"), ("symphony", "bam"), ("symphony", "btx"), ("symphony", "best-dense"),
           ("drop-upcycling", "bam"), ("bam", "btx"), ("symphony", "no-align"), ("symphony", "linear-attn"),
@@ -57,10 +59,16 @@ def merge(parts: list[dict]) -> dict:
     hashes = {p["family"] for p in out["parts"].values()}
     hashes |= {r["family"] for e in out["contenders"].values() for r in e.get("runs", []) if r.get("family")}
     out["families_agree"] = len(hashes) == 1
-    # a part run with other settings (e.g. --study-set stage2_lr=...) is named, not silently mixed in
-    out["settings_differ"] = {str(r["part"]): {k: v for k, v in r.get("settings", {}).items()
-                                               if (first.get("settings") or {}).get(k) != v}
-                              for r in parts[1:] if r.get("settings") != first.get("settings")}
+    # a part run with other settings (e.g. --study-set stage2_lr=...) is named, not silently mixed in; a setting
+    # a part's file lacks (written before the setting existed) had the default's effect
+    defaults = {f.name: f.default for f in fields(PaperSettings)}
+    base = {**defaults, **(first.get("settings") or {})}
+    differ = {}
+    for r in parts[1:]:
+        mine = {**defaults, **(r.get("settings") or {})}
+        if d := {k: v for k, v in mine.items() if base.get(k) != v}:
+            differ[str(r["part"])] = d
+    out["settings_differ"] = differ
     return out
 
 
