@@ -28,7 +28,9 @@ from benchmarks.quality.paperstudy import PaperSettings  # noqa: E402
 CLAIMS = [("symphony", "drop-upcycling"), ("symphony", "bam"), ("symphony", "btx"), ("symphony", "best-dense"),
           ("drop-upcycling", "bam"), ("bam", "btx"), ("symphony", "no-align"), ("symphony", "linear-attn"),
           ("symphony", "plain-embed"), ("symphony", "calib-general")]
-CONTROLS = ("anchor-post", "merge-post")
+CONTROLS = ("anchor-post", "merge-post", "router-only")  # compared with symphony; not in the paper's tables
+NOT_IN_PAPER = {"anchor-post": "no such control", "merge-post": "no such control",
+                "router-only": "first version's stage 2; not compared"}
 
 
 def merge(parts: list[dict]) -> dict:
@@ -156,7 +158,7 @@ def markdown(results: dict) -> str:
         def cell(v):
             return "–" if not v else f"{v['delta']:+.4f} ± {2 * v['sigma']:.4f}: {v['verdict']}" + (
                 f" (`{v['b']}`)" if v["b"] != b else "")
-        paper = "no such control" if b in CONTROLS else (f"{r['paper'][0]:+.2f} / {r['paper'][1]:+.2f}" if r["paper"] else "–")
+        paper = NOT_IN_PAPER[b] if b in CONTROLS else (f"{r['paper'][0]:+.2f} / {r['paper'][1]:+.2f}" if r["paper"] else "–")
         lines.append(f"| `{a}` beats `{b}` | {paper} | {cell(r['in_domain'])} | {cell(r['ood'])} |")
     lines += _drift_lines(results) + _cka_lines(results)
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ comparison with the paper's claims.
     part 7: bam (attention experts in plain PyTorch: the slowest)
     part 8: linear-attn                      part 9: calib-general, plain-embed (not trained when it is
                                                      symphony's model bit for bit)
+    part 10: router-only (stage 2 trains the router alone: the first arXiv version, the project's default)
     part 0: all of them (toy sizes on a CPU)
 One MoE contender per part: three seeds of 10M tokens each fill most of a 10-minute run (README.md has the
 estimates). no-align and calib-general can only differ from symphony by the GPU's non-determinism (alignment
@@ -43,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` impo
 HERE = Path(__file__).resolve().parent
 PARTS = {1: ["base_a", "base_b", "src-*", "merge-linear", "merge-linear-aligned", "merge-base-a"],
          2: ["anchor-post", "merge-post"], 3: ["symphony"], 4: ["no-align"], 5: ["btx"], 6: ["drop-upcycling"],
-         7: ["bam"], 8: ["linear-attn"], 9: ["calib-general", "plain-embed"]}
+         7: ["bam"], 8: ["linear-attn"], 9: ["calib-general", "plain-embed"], 10: ["router-only"]}
 
 
 def _overrides(items) -> dict:

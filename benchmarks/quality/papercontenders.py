@@ -22,7 +22,8 @@ of the stage-1 checkpoint, then stage 2), "bam".
 - ablations of symphony, one change each: no-align, linear-attn, plain-embed (embedding and lm_head rows
   averaged index by index; with one shared vocabulary this equals the selective merge, which the study checks
   on the built weights and then reports instead of training the same model again), calib-general (alignment
-  calibration text from the general domain only).
+  calibration text from the general domain only), router-only (stage 2 trains the router alone, as the paper's
+  first arXiv version and `router_training.train: router` do; same steps, tokens and learning rate).
 """
 from __future__ import annotations
 
@@ -78,7 +79,9 @@ def contenders(roles: dict[str, str]) -> list[PaperContender]:
               overrides={"fusion": {"attention": "linear"}}),
             C("plain-embed", "ablation", "moe", "symphony with embeddings averaged index by index", post="plain-embed"),
             C("calib-general", "ablation", "moe", "symphony with alignment calibrated on the general domain only",
-              calibration="general")]
+              calibration="general"),
+            C("router-only", "ablation", "moe", "symphony with the first arXiv version's stage 2: the router alone",
+              overrides={"router_training": {"train": "router"}})]
     return out
 
 

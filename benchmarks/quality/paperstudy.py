@@ -184,9 +184,9 @@ class PaperStudy:
         moe = c if c.kind == "moe" else pc.by_name(self.roles, "symphony")
         cfg = self.pipeline_config(moe, seed)
         s = self.settings
-        cfg["router_training"] = {"steps": s.stage2_steps, "batch_size": s.stage2_batch_size,
-                                  "seq_len": self.family_cfg.seq_len, "log_every": max(1, s.stage2_steps),
-                                  "lr": s.stage2_lr}
+        cfg["router_training"] = {**cfg.get("router_training", {}), "steps": s.stage2_steps,  # keeps `train`
+                                  "batch_size": s.stage2_batch_size, "seq_len": self.family_cfg.seq_len,
+                                  "log_every": max(1, s.stage2_steps), "lr": s.stage2_lr}
         rt = parse_config(cfg).router_training
         rt.seed = seed
         return rt

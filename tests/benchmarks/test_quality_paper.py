@@ -96,6 +96,7 @@ def test_contender_configs_parse_with_the_paper_preset(tmp_path):
     assert parsed["btx"].fusion.attention == "linear" and parsed["btx"].alignment.enabled is False
     assert parsed["no-align"].alignment.enabled is False and parsed["no-align"].fusion.attention == "slerp"
     assert parsed["calib-general"].calibration_files() == [files["prose"]]
+    assert parsed["router-only"].router_training.train == "router" and parsed["router-only"].alignment.enabled
     assert sym.calibration_files() == list(files.values())
     with pytest.raises(ValueError, match="unknown contender"):
         pc.by_name(roles, "moe-of-everything")
@@ -202,6 +203,8 @@ def test_paper_chain_end_to_end(tmp_path):
     assert c["drop-upcycling"]["summary"]["loss"] != c["btx"]["summary"]["loss"]
     assert c["symphony"]["runs"][0]["stage2"]["tokens"] == 2 * 2 * r0["family_config"]["seq_len"]
     assert c["symphony"]["runs"][0]["stage2"]["lr"] == 5e-5  # preset: paper's, unless the study sets another
+    router_only = c["router-only"]["runs"][0]["stage2"]  # the contender's `train: router` survives the recipe
+    assert 0 < router_only["trainable_params"] < c["symphony"]["runs"][0]["stage2"]["trainable_params"] / 10
     r9 = json.loads((tmp_path / "out/results-part9.json").read_text())
     assert all(r["stage2"]["lr"] == 2e-3 for r in r9["contenders"]["calib-general"]["runs"])
     # the fourth source (base B) has its neurons in another order: matching moves (nearly) all of them
