@@ -18,7 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the kernels' path (set before triton is imported)
+# CPU tensors take the kernels' path: Triton reads this when it is imported. Only as a script: set on import (a
+# test module importing this one), it would send every kernel of a GPU test run through the interpreter.
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 

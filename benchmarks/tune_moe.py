@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_moe import SHAPES  # noqa: E402  (this folder is on sys.path when the script runs)
+from benchmarks.bench_moe import SHAPES  # noqa: E402
 from symphony_kernels._configs import Config, rule, shape_class  # noqa: E402
 FWD_CASES = [("mixtral-8x7b", 1), ("mixtral-8x7b", 64), ("mixtral-8x7b", 512), ("mixtral-8x7b", 4096),
              ("mixtral-8x7b", 16384), ("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 512),

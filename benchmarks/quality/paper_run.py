@@ -37,7 +37,6 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
 if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -198,6 +197,7 @@ def run_part(args) -> dict:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
     args = parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
