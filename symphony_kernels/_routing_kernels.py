@@ -13,21 +13,29 @@ The sort kernel runs `nprog` programs, each owning `G` consecutive count blocks;
 in order, CH blocks per step, and writes `sorted_pairs[offset[e] + cursor[e] + lrank] = pair`, moving the
 cursor by each block's counts. The result is deterministic and equal to a stable sort of the flattened ids.
 The token and block counts are `do_not_specialize`, so one compiled variant serves every T (see `_launch`).
+
+With a single count block (T <= BT, decode) the first kernel is the whole routing (`SINGLE`): its counts are the
+totals, so it writes the counts, the offsets and each pair's place in `sorted_pairs` itself, and no sort kernel
+is launched.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _rank_in_block(ids, rmask, cols, NE, KP: tl.constexpr, K: tl.constexpr):
+def _rank_in_block(ids, rmask, cols, NE, KP: tl.constexpr, K: tl.constexpr, SINGLE: tl.constexpr):
     """Ranks of the pairs of a [BT, KP] id tile among the block's pairs of the same expert (pair order),
-    and the block's per-expert counts. `ids` must already map dropped pairs to column NE - 1."""
+    and the block's per-expert counts. `ids` must already map dropped pairs to column NE - 1. SINGLE (the block
+    holds every pair): the ranks are places in the whole sorted order (each expert's start added)."""
     kcols = tl.arange(0, KP)
     cnt = tl.zeros((ids.shape[0], cols.shape[0]), dtype=tl.int32)
     for j in tl.static_range(K):
         idj = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
         cnt += ((cols[None, :] == idj[:, None]) & rmask[:, None]).to(tl.int32)
     before = tl.cumsum(cnt, axis=0) - cnt          # pairs of earlier tokens in the block, per expert
+    if SINGLE:
+        totals = tl.sum(cnt, axis=0)
+        before += (tl.cumsum(totals, axis=0) - totals)[None, :]
     lrank = tl.zeros(ids.shape, dtype=tl.int32)
     for j in tl.static_range(K):
         idj = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
@@ -39,12 +47,23 @@ def _rank_in_block(ids, rmask, cols, NE, KP: tl.constexpr, K: tl.constexpr):
     return lrank, tl.where(cols < NE, counts, 0)
 
 
+@triton.jit
+def _write_plan(counts, places, rows, kcols, kmask, cols, E, counts_ptr, offsets_ptr, sorted_ptr, K: tl.constexpr):
+    """SINGLE: the whole plan from the only block's counts (dropped pairs in column E) and places."""
+    starts = tl.cumsum(counts, axis=0) - counts
+    tl.store(counts_ptr + cols, counts, mask=cols < E)
+    tl.store(offsets_ptr + cols, starts, mask=cols < E)
+    tl.store(offsets_ptr + E, tl.sum(tl.where(cols < E, counts, 0), axis=0))  # start of the dropped pairs
+    tl.store(sorted_ptr + places, rows[:, None] * K + kcols[None, :], mask=kmask)
+
+
 @triton.jit(do_not_specialize=("T", "G"))
 def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
-                  w_ptr, ids_ptr, lrank_ptr, bcount_ptr, gcount_ptr, G,
+                  w_ptr, ids_ptr, lrank_ptr, bcount_ptr, gcount_ptr, G, counts_ptr, offsets_ptr, sorted_ptr,
                   K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
-                  SIGMOID: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr):
-    """One program per BT tokens: scores, top-k (ties to the lower id), renormalise, counts and ranks."""
+                  SIGMOID: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, SINGLE: tl.constexpr):
+    """One program per BT tokens: scores, top-k (ties to the lower id), renormalise, counts and ranks (SINGLE:
+    the plan itself)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -83,19 +102,24 @@ def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
     out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
     tl.store(w_ptr + out_off, wts, mask=kmask)
     tl.store(ids_ptr + out_off, ids, mask=kmask)
-    lrank, counts = _rank_in_block(ids, rmask, cols, E, KP, K)
-    tl.store(lrank_ptr + out_off, lrank, mask=kmask)
-    ne = E + 1
-    tl.store(bcount_ptr + pid.to(tl.int64) * ne + cols, counts, mask=cols < E)
-    tl.store(bcount_ptr + pid.to(tl.int64) * ne + E, 0)          # route never drops a pair
-    if G > 1:  # (G == 1: gcount is bcount, this program's own row)
-        tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * ne + cols, counts, mask=cols < E)
+    lrank, counts = _rank_in_block(ids, rmask, cols, E, KP, K, SINGLE)
+    if SINGLE:
+        _write_plan(counts, lrank, rows, kcols, kmask, cols, E, counts_ptr, offsets_ptr, sorted_ptr, K)
+    else:
+        tl.store(lrank_ptr + out_off, lrank, mask=kmask)
+        ne = E + 1
+        tl.store(bcount_ptr + pid.to(tl.int64) * ne + cols, counts, mask=cols < E)
+        tl.store(bcount_ptr + pid.to(tl.int64) * ne + E, 0)          # route never drops a pair
+        if G > 1:  # (G == 1: gcount is bcount, this program's own row)
+            tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * ne + cols, counts, mask=cols < E)
 
 
 @triton.jit(do_not_specialize=("T", "G"))
 def _count_kernel(ids_ptr, stride_t, stride_k, T, E, lrank_ptr, bcount_ptr, gcount_ptr, G,
-                  K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
-    """Counts and in-block ranks for given ids; ids outside [0, E) are dropped pairs (column E)."""
+                  counts_ptr, offsets_ptr, sorted_ptr,
+                  K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, SINGLE: tl.constexpr):
+    """Counts and in-block ranks for given ids; ids outside [0, E) are dropped pairs (column E). SINGLE: the
+    plan itself."""
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     kcols = tl.arange(0, KP)
@@ -104,11 +128,14 @@ def _count_kernel(ids_ptr, stride_t, stride_k, T, E, lrank_ptr, bcount_ptr, gcou
     kmask = rmask[:, None] & (kcols[None, :] < K)
     ids = tl.load(ids_ptr + rows.to(tl.int64)[:, None] * stride_t + kcols[None, :] * stride_k, mask=kmask, other=0)
     ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
-    lrank, counts = _rank_in_block(ids, rmask, cols, E + 1, KP, K)
-    tl.store(lrank_ptr + rows.to(tl.int64)[:, None] * K + kcols[None, :], lrank, mask=kmask)
-    tl.store(bcount_ptr + pid.to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
-    if G > 1:  # (G == 1: gcount is bcount, this program's own row)
-        tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
+    lrank, counts = _rank_in_block(ids, rmask, cols, E + 1, KP, K, SINGLE)
+    if SINGLE:
+        _write_plan(counts, lrank, rows, kcols, kmask, cols, E, counts_ptr, offsets_ptr, sorted_ptr, K)
+    else:
+        tl.store(lrank_ptr + rows.to(tl.int64)[:, None] * K + kcols[None, :], lrank, mask=kmask)
+        tl.store(bcount_ptr + pid.to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
+        if G > 1:  # (G == 1: gcount is bcount, this program's own row)
+            tl.atomic_add(gcount_ptr + (pid // G).to(tl.int64) * (E + 1) + cols, counts, mask=cols < E + 1)
 
 
 @triton.jit(do_not_specialize=("T", "nb", "G", "nprog"))

@@ -12,6 +12,9 @@ from ._runtime import next_pow2
 _SORT_PROGRAMS = 64  # most programs of the sort kernel (each reads every program's counter row once)
 _GATHER = True       # the sort kernel looks cursors up with tl.gather (else through a scratch row, for Triton
                      # builds without tl.gather)
+# Calls of at most 16 tokens take 16-token count blocks, and a call of one count block one launch (the first kernel
+# writes the plan). False: the two-launch path at every size (benchmarks/bench_decode.py times both).
+_ONE_LAUNCH = True
 # Count blocks the sort kernel places per step (at most; 1 = one block at a time). SYMPHONY_SORT_CHUNK overrides.
 _SORT_CHUNK = int(os.environ.get("SYMPHONY_SORT_CHUNK", "8"))
 
@@ -42,23 +45,26 @@ def _kernel(name: str) -> Kernel:
 
 class _Sizes:
     """What a routing call of T tokens, E experts and top-k derives from its sizes alone: the grids and
-    constexprs of its two launches and where its int32 buffers lie (`_launch.Workspace`). `first` is the
+    constexprs of its launches and where its int32 buffers lie (`_launch.Workspace`). `first` is the
     route kernel's (`flags`: sigmoid, renormalize, float64) or, without flags, the dispatch's count kernel.
     With one count block per sort program (G == 1, up to 64 blocks) each program owns its row of the counter
-    table, so the kernels take `bcount` for it and nothing needs zeroing (see `_routing_kernels`)."""
+    table, so the kernels take `bcount` for it and nothing needs zeroing (see `_routing_kernels`). With one
+    count block in all (`single`: T <= BT; 16-token blocks up to T = 16, decode) the first kernel writes the
+    plan and there is no sort launch."""
 
-    __slots__ = ("nb", "nprog", "G", "first", "sort", "workspace")
+    __slots__ = ("nb", "nprog", "G", "single", "first", "sort", "workspace")
 
     def __init__(self, T, E, k, flags):
         EP = next_pow2(E if flags else E + 1)
-        BT = _block_tokens(EP)
+        BT = 16 if T <= 16 and _ONE_LAUNCH else _block_tokens(EP)
         KP = next_pow2(k)
         self.nb = -(-T // BT)
+        self.single = self.nb == 1 and _ONE_LAUNCH
         self.nprog, self.G = _sort_grid(self.nb) if T else (0, 1)
         self.first = (("K", k), ("KP", KP), ("BT", BT), ("EP", EP))
         if flags:
             self.first += tuple(zip(("SIGMOID", "RENORM", "F64"), flags))
-        self.first += (("num_warps", 8 if BT * EP >= 8192 else 4),)
+        self.first += (("SINGLE", self.single), ("num_warps", 8 if BT * EP >= 8192 else 4))
         SEP = next_pow2(E + 1)
         CH = max(1, min(_SORT_CHUNK, self.G, 2048 // (BT * KP)))
         CH = 1 << (CH.bit_length() - 1)  # a power of two
@@ -66,7 +72,7 @@ class _Sizes:
                      ("GATHER", _GATHER), ("num_warps", 4))
         pieces = [("ids", (T, k), False)] if flags else []
         pieces += [("sorted_pairs", (T * k,), False), ("counts", (E,), T == 0), ("offsets", (E + 1,), T == 0)]
-        if T:
+        if T and not self.single:
             pieces += [("lrank", (T * k,), False), ("bcount", (self.nb * (E + 1),), False)]
             if self.G > 1:
                 pieces.append(("gcount", (self.nprog * (E + 1),), True))
@@ -80,7 +86,7 @@ _MAX_SIZES = 1024
 
 
 def _sizes(T: int, E: int, k: int, flags: tuple = ()) -> _Sizes:
-    key = (T, E, k, flags, _SORT_PROGRAMS, _GATHER, _SORT_CHUNK)
+    key = (T, E, k, flags, _SORT_PROGRAMS, _GATHER, _SORT_CHUNK, _ONE_LAUNCH)
     sizes = _SIZES.get(key)
     if sizes is None:
         if len(_SIZES) >= _MAX_SIZES:
@@ -89,7 +95,17 @@ def _sizes(T: int, E: int, k: int, flags: tuple = ()) -> _Sizes:
     return sizes
 
 
+def _scratch(b):
+    """(lrank, bcount, gcount, then counts, offsets, sorted_pairs) for the first kernel: with one count block
+    it writes the plan and the three scratch pointers are never read (sorted_pairs stands in)."""
+    sp = b["sorted_pairs"]
+    bcount = b.get("bcount", sp)
+    return (b.get("lrank", sp), bcount, b.get("gcount", bcount)), (b["counts"], b["offsets"], sp)
+
+
 def _sort(call, sizes, ids, stride_t, stride_k, T, E, b):
+    if sizes.single:
+        return
     bcount = b["bcount"]
     call.add(_kernel("_sort_kernel"), (sizes.nprog,),
              (ids, stride_t, stride_k, b["lrank"], bcount, b.get("gcount", bcount), T, E, sizes.nb, sizes.G,
@@ -115,10 +131,10 @@ def route_call(router_logits: torch.Tensor, top_k: int, scoring: str, renormaliz
                                                     device=dev)
     b = sizes.workspace.alloc(call, dev, separate)
     if T:
-        bcount = b["bcount"]
+        (lrank, bcount, gcount), plan = _scratch(b)
         call.add(_kernel("_route_kernel"), (sizes.nb,),
-                 (router_logits, router_logits.stride(0), router_logits.stride(1), T, E, weights, b["ids"], b["lrank"],
-                  bcount, b.get("gcount", bcount), sizes.G), sizes.first)
+                 (router_logits, router_logits.stride(0), router_logits.stride(1), T, E, weights, b["ids"], lrank,
+                  bcount, gcount, sizes.G, *plan), sizes.first)
         _sort(call, sizes, b["ids"], top_k, 1, T, E, b)
     return call, (weights, b["ids"], b["counts"], b["offsets"], b["sorted_pairs"])
 
@@ -132,10 +148,10 @@ def dispatch_call(topk_ids: torch.Tensor, num_experts: int, separate=False):
     call = Call(topk_ids.device)
     b = sizes.workspace.alloc(call, topk_ids.device, separate)
     if T:
-        bcount = b["bcount"]
+        (lrank, bcount, gcount), plan = _scratch(b)
         s_t, s_k = topk_ids.stride()
         call.add(_kernel("_count_kernel"), (sizes.nb,),
-                 (topk_ids, s_t, s_k, T, E, b["lrank"], bcount, b.get("gcount", bcount), sizes.G), sizes.first)
+                 (topk_ids, s_t, s_k, T, E, lrank, bcount, gcount, sizes.G, *plan), sizes.first)
         _sort(call, sizes, topk_ids, s_t, s_k, T, E, b)
     return call, (b["counts"], b["offsets"], b["sorted_pairs"])
 

@@ -28,7 +28,7 @@ def _check_plan(plan, logits, k, scoring="softmax", renormalize=True, tol=1e-5):
 @pytest.mark.parametrize("T,E,k,scoring,renormalize", [
     (37, 8, 2, "softmax", True), (64, 128, 8, "softmax", False), (20, 256, 16, "sigmoid", True),
     (9, 4, 4, "softmax", True), (5, 1, 1, "softmax", True), (33, 6, 1, "sigmoid", False),
-    (21, 512, 10, "softmax", True), (18, 1024, 32, "sigmoid", False)])
+    (21, 512, 10, "softmax", True), (18, 1024, 32, "sigmoid", False), (600, 64, 4, "softmax", True)])
 def test_route_matches_reference(T, E, k, scoring, renormalize):
     g = torch.Generator().manual_seed(T * 1000 + E)
     logits = torch.randn(T, E, generator=g).to(DEV)
@@ -120,10 +120,11 @@ def test_dispatch_matches_reference(T, E, k):
         assert a.dtype == torch.int32 and torch.equal(a.cpu(), b.cpu())
 
 
-def test_dispatch_repeated_and_dropped_ids():
+@pytest.mark.parametrize("T", [40, 700])  # one count block (no sort launch), three blocks
+def test_dispatch_repeated_and_dropped_ids(T):
     g = torch.Generator().manual_seed(6)
     E = 6
-    ids = torch.randint(-2, E + 2, (40, 4), generator=g)   # repeats within a row, ids outside [0, E)
+    ids = torch.randint(-2, E + 2, (T, 4), generator=g)   # repeats within a row, ids outside [0, E)
     counts, offsets, sorted_pairs = dispatch(ids.to(DEV), E)
     flat = ids.reshape(-1)
     key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))
@@ -199,6 +200,24 @@ def test_sort_in_chunks_of_blocks(monkeypatch, gather):
     flat = ids.reshape(-1)
     key = torch.where((flat >= 0) & (flat < 8), flat, torch.full_like(flat, 8))
     assert torch.equal(sorted_pairs.cpu().long(), torch.sort(key, stable=True).indices)
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (9, 512, 10), (16, 6, 2), (40, 64, 4)])
+def test_one_launch_plan_equals_the_sorted_one(monkeypatch, T, E, k):
+    """A call of one count block is planned by its first kernel alone: the same plan as the two-launch path."""
+    from symphony_kernels import _routing_launch
+
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T + E)).to(DEV)
+    call, _ = _routing_launch.route_call(logits, k, "softmax", True)
+    assert len(call.launches) == 1
+    ids = torch.randint(-1, E + 1, (T, k), generator=torch.Generator().manual_seed(E)).to(DEV)
+    one = (sk.route(logits, k), dispatch(ids, E))
+    monkeypatch.setattr(_routing_launch, "_ONE_LAUNCH", False)
+    assert len(_routing_launch.route_call(logits, k, "softmax", True)[0].launches) == 2
+    two = (sk.route(logits, k), dispatch(ids, E))
+    for a, b in zip((*one[0], *one[1]), (*two[0], *two[1])):
+        assert torch.equal(a.cpu(), b.cpu())
+    _check_plan(one[0], logits, k)
 
 
 def test_reference_route_gradient_at_inf_is_zero(monkeypatch):
