@@ -53,7 +53,14 @@ def header(device: str, argv) -> dict:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "command": " ".join(["python", Path(sys.argv[0]).name] + list(argv))}
+            "command": " ".join(["python", Path(sys.argv[0]).name] + [_portable(a) for a in argv])}
+
+
+def _portable(arg) -> str:
+    """A command-line argument as results record it: an absolute path by its last component (no machine's
+    folders in the results)."""
+    arg = str(arg)
+    return Path(arg).name if arg.startswith("/") else arg
 
 
 def sync(device: str):

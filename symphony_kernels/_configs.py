@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-DECODE_MAX_PAIRS = 64
 SM_COUNT_DEFAULT = 132
 
 
@@ -35,21 +34,24 @@ class Config(NamedTuple):
 OVERRIDE: dict[str, Config] = {}
 
 
-DECODE_MAX_ROWS = 512  # masked tiles: at most E * next_pow2(S) rows of MMA work in all
+DECODE_MAX_ROWS = 256  # masked tiles: at most E * next_pow2(S) rows of MMA work in all
 
 
-PAIR_ROWS_MIN_RATIO = 8  # one program row per pair when E >= 8 * S
+PAIR_ROWS_MIN_RATIO = 4  # one program row per pair when E >= 4 * S
+PAIR_ROWS_MAX_PAIRS = 256
 
 
 def decode_mode(S: int, E: int) -> int:
-    """0: sorted tiles (a dispatch first). 1: the masked per-expert tiles (no dispatch): S <= 64 pairs, or up
-    to 256 pairs when E * next_pow2(S) stays <= 512 (few experts: the MMA rows wasted on other experts' pairs
-    cost less than a dispatch). 2: one program row per pair (no dispatch either) when there are at least 8 times
-    as many experts as pairs (T = 1 on fine-grained experts: per-expert rows would launch mostly empty
-    programs; two pairs on one expert, rare at this ratio, read its weights twice)."""
-    if not (S <= DECODE_MAX_PAIRS or (S <= 256 and E * _pow2_at_least(S, 16) <= DECODE_MAX_ROWS)):
-        return 0
-    return 2 if S * PAIR_ROWS_MIN_RATIO <= E else 1
+    """0: sorted tiles (a dispatch first, or the plan of `route`). 2: one program row per pair (no dispatch)
+    when there are at least 4 times as many experts as pairs (fine-grained experts at T <= 2-8: per-expert rows
+    would launch mostly empty programs; two pairs on one expert, rare at this ratio, read its weights twice).
+    1: the masked per-expert tiles (no dispatch) while E * next_pow2(S) <= 256 rows of MMA work (few experts
+    and few pairs: the rows wasted on other experts' pairs cost less than sorting). Fitted to
+    benchmarks/bench_decode.py on an H200 (benchmarks/results/runtime/decode-h200.json): beyond 256 masked
+    rows (Mixtral at 64 pairs, Qwen2-0.5B-x4 at 128, Qwen3-30B at 32) the sorted tiles were 4-40% faster."""
+    if S * PAIR_ROWS_MIN_RATIO <= E and S <= PAIR_ROWS_MAX_PAIRS:
+        return 2
+    return 1 if E * _pow2_at_least(S, 16) <= DECODE_MAX_ROWS else 0
 
 
 def shape_class(S: int, E: int) -> str:

@@ -11,8 +11,8 @@ Forward, three launches (plus the dispatch when no plan is given, outside decode
    with grad mode on, the gate/up pre-activations [S, 2f] are stored too: the one activation kept for the
    backward;
 2. down GEMM: rows written in (token, slot) order;
-   for decode (S = T*k <= 64, or a few more pairs over few experts: `_configs.decode_mode`) every expert's
-   program takes its pairs by mask (no dispatch at all) and the down GEMM splits K so that enough programs
+   for decode (few pairs: `_configs.decode_mode`) every expert's program takes its pairs by mask, or every
+   pair has a program row of its own (no dispatch at all) and the down GEMM splits K so that enough programs
    stream the weights;
 3. combine: out[t] = sum_j of the k rows of token t in float32, in a fixed order. This is one extra pass
    over [T*k, d] that keeps the result deterministic without float atomics; by bytes it is ~1 % of the
