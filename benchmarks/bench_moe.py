@@ -412,15 +412,10 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else TOKENS))
     shapes = [parse_shape(s) for s in args.shapes]
-    import transformers
-    import triton
+    from benchmarks.run_info import header
 
     t0 = time.time()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "transformers": transformers.__version__,
-               "command": " ".join(["python"] + [Path(sys.argv[0]).name if i == 0 else a
-                                               for i, a in enumerate(sys.argv)]),
-               "experts": [], "fwd_bwd": [], "routing": []}
+    results = {**header("cuda", sys.argv[1:] if argv is None else argv), "experts": [], "fwd_bwd": [], "routing": []}
     copy_bw, rate = ceilings(args.quick)
     results["ceilings"] = {"copy_TBps": copy_bw / 1e12, "matmul_TFLOPs": rate / 1e12}
     log(f"ceilings: copy {copy_bw / 1e12:.3f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")

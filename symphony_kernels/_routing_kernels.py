@@ -23,10 +23,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _rank_in_block(ids, rmask, cols, NE, KP: tl.constexpr, K: tl.constexpr, SINGLE: tl.constexpr):
+def _rank_in_block(ids, rmask, cols, NE, KP: tl.constexpr, K: tl.constexpr, SINGLE: tl.constexpr,
+                   GATHER: tl.constexpr):
     """Ranks of the pairs of a [BT, KP] id tile among the block's pairs of the same expert (pair order),
     and the block's per-expert counts. `ids` must already map dropped pairs to column NE - 1. SINGLE (the block
-    holds every pair): the ranks are places in the whole sorted order (each expert's start added)."""
+    holds every pair): the ranks are places in the whole sorted order (each expert's start added). GATHER:
+    each pair reads its expert's column with one tl.gather (else one masked row reduction per slot)."""
     kcols = tl.arange(0, KP)
     cnt = tl.zeros((ids.shape[0], cols.shape[0]), dtype=tl.int32)
     for j in tl.static_range(K):
@@ -36,13 +38,21 @@ def _rank_in_block(ids, rmask, cols, NE, KP: tl.constexpr, K: tl.constexpr, SING
     if SINGLE:
         totals = tl.sum(cnt, axis=0)
         before += (tl.cumsum(totals, axis=0) - totals)[None, :]
-    lrank = tl.zeros(ids.shape, dtype=tl.int32)
-    for j in tl.static_range(K):
-        idj = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
-        sel = cols[None, :] == idj[:, None]
-        r = tl.sum(tl.where(sel, before, 0), axis=1)
-        lrank = tl.where(kcols[None, :] == j, r[:, None], lrank)
-        before += sel.to(tl.int32)                 # a repeated id later in the same row ranks after this one
+    if GATHER:
+        # a repeated id earlier in the same row ranks before this one: count the row's earlier equal slots
+        dup = tl.zeros(ids.shape, dtype=tl.int32)
+        for j in tl.static_range(K):
+            idj = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
+            dup += ((ids == idj[:, None]) & (kcols[None, :] > j)).to(tl.int32)
+        lrank = tl.gather(before, tl.where(kcols[None, :] < K, ids, 0), 1) + dup
+    else:
+        lrank = tl.zeros(ids.shape, dtype=tl.int32)
+        for j in tl.static_range(K):
+            idj = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
+            sel = cols[None, :] == idj[:, None]
+            r = tl.sum(tl.where(sel, before, 0), axis=1)
+            lrank = tl.where(kcols[None, :] == j, r[:, None], lrank)
+            before += sel.to(tl.int32)             # a repeated id later in the same row ranks after this one
     counts = tl.sum(cnt, axis=0)
     return lrank, tl.where(cols < NE, counts, 0)
 
@@ -61,7 +71,8 @@ def _write_plan(counts, places, rows, kcols, kmask, cols, E, counts_ptr, offsets
 def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
                   w_ptr, ids_ptr, lrank_ptr, bcount_ptr, gcount_ptr, G, counts_ptr, offsets_ptr, sorted_ptr,
                   K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
-                  SIGMOID: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, SINGLE: tl.constexpr):
+                  SIGMOID: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, SINGLE: tl.constexpr,
+                  GATHER: tl.constexpr):
     """One program per BT tokens: scores, top-k (ties to the lower id), renormalise, counts and ranks (SINGLE:
     the plan itself)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
@@ -88,12 +99,25 @@ def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
     kcols = tl.arange(0, KP)
     wts = tl.zeros((BT, KP), dtype=acc_t)
     ids = tl.zeros((BT, KP), dtype=tl.int32)
-    for j in tl.static_range(K):
-        best = tl.max(s, axis=1)
-        idx = tl.min(tl.where(s == best[:, None], cols[None, :], EP), axis=1)
-        s = tl.where(cols[None, :] == idx[:, None], -2.0, s)
-        wts = tl.where(kcols[None, :] == j, best[:, None], wts)
-        ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+    if F64:
+        for j in tl.static_range(K):
+            best = tl.max(s, axis=1)
+            idx = tl.min(tl.where(s == best[:, None], cols[None, :], EP), axis=1)
+            s = tl.where(cols[None, :] == idx[:, None], -2.0, s)
+            wts = tl.where(kcols[None, :] == j, best[:, None], wts)
+            ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+    else:
+        # One max per slot over int64 keys: a score's float32 bits (order-preserving for scores >= 0) above the
+        # reversed column (ties to the lower id); padding and chosen columns are -1.
+        bits = tl.where(s > 0, s.to(tl.int32, bitcast=True), 0).to(tl.int64)
+        key = tl.where(cmask[None, :], (bits << 32) | (EP - 1 - cols)[None, :].to(tl.int64), -1)
+        for j in tl.static_range(K):
+            top = tl.max(key, axis=1)
+            idx = (EP - 1 - (top & 0xFFFFFFFF)).to(tl.int32)
+            best = (top >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            key = tl.where(cols[None, :] == idx[:, None], -1, key)
+            wts = tl.where(kcols[None, :] == j, best[:, None], wts)
+            ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
     if RENORM:
         tot = tl.sum(wts, axis=1)
         wts = tl.where(tot[:, None] > 0, wts / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
@@ -102,7 +126,7 @@ def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
     out_off = rows.to(tl.int64)[:, None] * K + kcols[None, :]
     tl.store(w_ptr + out_off, wts, mask=kmask)
     tl.store(ids_ptr + out_off, ids, mask=kmask)
-    lrank, counts = _rank_in_block(ids, rmask, cols, E, KP, K, SINGLE)
+    lrank, counts = _rank_in_block(ids, rmask, cols, E, KP, K, SINGLE, GATHER)
     if SINGLE:
         _write_plan(counts, lrank, rows, kcols, kmask, cols, E, counts_ptr, offsets_ptr, sorted_ptr, K)
     else:
@@ -117,7 +141,8 @@ def _route_kernel(logits_ptr, stride_t, stride_e, T, E,
 @triton.jit(do_not_specialize=("T", "G"))
 def _count_kernel(ids_ptr, stride_t, stride_k, T, E, lrank_ptr, bcount_ptr, gcount_ptr, G,
                   counts_ptr, offsets_ptr, sorted_ptr,
-                  K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, SINGLE: tl.constexpr):
+                  K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, SINGLE: tl.constexpr,
+                  GATHER: tl.constexpr):
     """Counts and in-block ranks for given ids; ids outside [0, E) are dropped pairs (column E). SINGLE: the
     plan itself."""
     pid = tl.program_id(0)
@@ -128,7 +153,7 @@ def _count_kernel(ids_ptr, stride_t, stride_k, T, E, lrank_ptr, bcount_ptr, gcou
     kmask = rmask[:, None] & (kcols[None, :] < K)
     ids = tl.load(ids_ptr + rows.to(tl.int64)[:, None] * stride_t + kcols[None, :] * stride_k, mask=kmask, other=0)
     ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
-    lrank, counts = _rank_in_block(ids, rmask, cols, E + 1, KP, K, SINGLE)
+    lrank, counts = _rank_in_block(ids, rmask, cols, E + 1, KP, K, SINGLE, GATHER)
     if SINGLE:
         _write_plan(counts, lrank, rows, kcols, kmask, cols, E, counts_ptr, offsets_ptr, sorted_ptr, K)
     else:

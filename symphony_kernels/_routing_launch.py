@@ -10,10 +10,10 @@ from ._launch import Call, Kernel, Workspace
 from ._runtime import next_pow2
 
 _SORT_PROGRAMS = 64  # most programs of the sort kernel (each reads every program's counter row once)
-_GATHER = True       # the sort kernel looks cursors up with tl.gather (else through a scratch row, for Triton
-                     # builds without tl.gather)
-# Calls of at most 16 tokens take 16-token count blocks, and a call of one count block one launch (the first kernel
-# writes the plan). False: the two-launch path at every size (benchmarks/bench_decode.py times both).
+_GATHER = True       # the kernels look ranks and cursors up with tl.gather (else by row reductions and through a
+                     # scratch row, for Triton builds without tl.gather)
+# Calls of at most 16 tokens take one count block of next_pow2(T) tokens, and a call of one count block one launch
+# (the first kernel writes the plan). False: the two-launch path at every size (benchmarks/bench_decode.py times both).
 _ONE_LAUNCH = True
 # Count blocks the sort kernel places per step (at most; 1 = one block at a time). SYMPHONY_SORT_CHUNK overrides.
 _SORT_CHUNK = int(os.environ.get("SYMPHONY_SORT_CHUNK", "8"))
@@ -49,14 +49,14 @@ class _Sizes:
     route kernel's (`flags`: sigmoid, renormalize, float64) or, without flags, the dispatch's count kernel.
     With one count block per sort program (G == 1, up to 64 blocks) each program owns its row of the counter
     table, so the kernels take `bcount` for it and nothing needs zeroing (see `_routing_kernels`). With one
-    count block in all (`single`: T <= BT; 16-token blocks up to T = 16, decode) the first kernel writes the
-    plan and there is no sort launch."""
+    count block in all (`single`: T <= BT; one block of next_pow2(T) tokens up to T = 16, decode) the first
+    kernel writes the plan and there is no sort launch."""
 
     __slots__ = ("nb", "nprog", "G", "single", "first", "sort", "workspace")
 
     def __init__(self, T, E, k, flags):
         EP = next_pow2(E if flags else E + 1)
-        BT = 16 if T <= 16 and _ONE_LAUNCH else _block_tokens(EP)
+        BT = next_pow2(T) if T <= 16 and _ONE_LAUNCH else _block_tokens(EP)
         KP = next_pow2(k)
         self.nb = -(-T // BT)
         self.single = self.nb == 1 and _ONE_LAUNCH
@@ -64,7 +64,7 @@ class _Sizes:
         self.first = (("K", k), ("KP", KP), ("BT", BT), ("EP", EP))
         if flags:
             self.first += tuple(zip(("SIGMOID", "RENORM", "F64"), flags))
-        self.first += (("SINGLE", self.single), ("num_warps", 8 if BT * EP >= 8192 else 4))
+        self.first += (("SINGLE", self.single), ("GATHER", _GATHER), ("num_warps", 8 if BT * EP >= 8192 else 4))
         SEP = next_pow2(E + 1)
         CH = max(1, min(_SORT_CHUNK, self.G, 2048 // (BT * KP)))
         CH = 1 << (CH.bit_length() - 1)  # a power of two

@@ -202,7 +202,7 @@ def test_sort_in_chunks_of_blocks(monkeypatch, gather):
     assert torch.equal(sorted_pairs.cpu().long(), torch.sort(key, stable=True).indices)
 
 
-@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (9, 512, 10), (16, 6, 2), (40, 64, 4)])
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (2, 7, 3), (3, 512, 10), (9, 512, 10), (16, 6, 2), (40, 64, 4)])
 def test_one_launch_plan_equals_the_sorted_one(monkeypatch, T, E, k):
     """A call of one count block is planned by its first kernel alone: the same plan as the two-launch path."""
     from symphony_kernels import _routing_launch
