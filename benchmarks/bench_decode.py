@@ -30,37 +30,35 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @contextlib.contextmanager
+def patched(module, name, value, *clears):
+    """`module.name` is `value` inside; each of `clears` (cache clearers) runs on the way in and out."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    for clear in clears:
+        clear()
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+        for clear in clears:
+            clear()
+
+
 def forced_mode(mode):
     """Every experts call inside takes tile mode `mode` (None: the rule's)."""
     import symphony_kernels.experts as ex
     from symphony_kernels import _configs
 
-    rule = _configs.decode_mode
-    if mode is not None:
-        _configs.decode_mode = lambda S, E: mode
-    _configs.pick.cache_clear()
-    ex._REPLAYS.clear()
-    try:
-        yield
-    finally:
-        _configs.decode_mode = rule
-        _configs.pick.cache_clear()
-        ex._REPLAYS.clear()
+    rule = _configs.decode_mode if mode is None else (lambda S, E: mode)
+    return patched(_configs, "decode_mode", rule, _configs.pick.cache_clear, ex._REPLAYS.clear)
 
 
-@contextlib.contextmanager
 def one_launch(on):
+    """Routing calls inside take the one-launch plan where they can (`on`) or always two launches."""
     import symphony_kernels.routing as rt
     from symphony_kernels import _routing_launch
 
-    before = _routing_launch._ONE_LAUNCH
-    _routing_launch._ONE_LAUNCH = on
-    rt._REPLAYS.clear()
-    try:
-        yield
-    finally:
-        _routing_launch._ONE_LAUNCH = before
-        rt._REPLAYS.clear()
+    return patched(_routing_launch, "_ONE_LAUNCH", on, rt._REPLAYS.clear)
 
 
 def graph_us(fn):
