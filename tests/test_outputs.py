@@ -29,13 +29,31 @@ def test_a_library_caller_killed_by_sigterm_dies_of_it_after_the_cleanup(tmp_pat
     assert proc.returncode == -signal.SIGTERM and os.listdir(tmp_path) == []
 
 
-def test_termination_signals_raise_in_the_block_and_handlers_come_back():
-    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        pytest.skip("SIGTERM has a handler in this process")
+@pytest.fixture
+def default_signals():
+    """SIGTERM and SIGHUP at their default action for the test (a run under nohup ignores SIGHUP), restored."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    if any(h not in (signal.SIG_DFL, signal.SIG_IGN) for h in before.values()):
+        pytest.skip("a termination signal has a handler in this process")
+    for s in before:
+        signal.signal(s, signal.SIG_DFL)
+    yield
+    for s, h in before.items():
+        signal.signal(s, h)
+
+
+def test_termination_signals_raise_in_the_block_and_handlers_come_back(default_signals):
     with pytest.raises(outputs.Terminated) as e, outputs.terminate_as_exception():
         os.kill(os.getpid(), signal.SIGHUP)
     assert e.value.name == "SIGHUP"
     assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+
+
+def test_an_ignored_signal_stays_ignored(default_signals):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+    with outputs.terminate_as_exception():
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
 
 
 def test_leftovers_are_only_this_outputs_temporary_folders(tmp_path, capsys):
