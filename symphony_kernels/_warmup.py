@@ -2,7 +2,8 @@
 
 A variant depends on the shape class of a call (decode, small, large: `_configs`), the tiles, the dtypes and
 the device, not on the exact token count, so a few token counts cover a model: a generate() needs the
-prefill's and the decode's. Without warmup, eager inference computes a call whose kernels are not compiled yet
+prefill's and the decode's. (Below 17 tokens the routing kernels take one block of next_pow2(T) rows, so each
+power of two up to 16 is a routing variant of its own: warm the decode batch sizes a model will use.) Without warmup, eager inference computes a call whose kernels are not compiled yet
 with torch's grouped GEMM while they compile in the background (`_launch`); with `blocking=True` this returns
 once every variant is compiled, so that every later call runs the kernels. No GPU memory beyond a few bytes is
 used: the launches are planned on meta tensors and compiled on 16-element dummies.
